@@ -1,0 +1,299 @@
+"""The application: the only place that wires the stages together.
+
+source → frame buffer → detector → tracker → region logic → events → sinks
+
+Each camera gets a source thread and a pipeline thread; the detector (and the SAM2 model) are
+shared between cameras. When every camera is a file, :meth:`App.run` returns once all of them
+have been processed; otherwise it runs until :meth:`App.request_stop` (SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from daemon import __version__
+from daemon.config import CameraConfig, Settings
+from daemon.detector import PersonDetector
+from daemon.events import Event, EventFactory, RegionTransition
+from daemon.framebuffer import FrameBuffer
+from daemon.ops.metrics import Metrics
+from daemon.ops.runtime import Ops
+from daemon.records import Frame
+from daemon.regions import RegionLogic
+from daemon.sinks.base import Sink
+from daemon.sinks.jsonl import JsonlSink
+from daemon.sinks.stdout import StdoutSink
+from daemon.sources import open_source
+from daemon.state import SeqStore
+
+log = logging.getLogger(__name__)
+
+# WIRING-READY
+
+
+def build_tracker(settings: Settings, camera: CameraConfig, shared: dict):
+    """A tracker for one camera, from ``[tracker]``; models are loaded once into ``shared``."""
+    t = settings.tracker
+    if t.backend == "bytetrack":
+        from daemon.tracking.bytetrack import ByteTrackTracker
+
+        return ByteTrackTracker(t.bytetrack, lost_after_s=t.lost_after_s, interval_s=settings.detector.interval_s)
+    from daemon.tracking.sam2 import Sam2Tracker, load_sam2_model
+
+    if "sam2" not in shared:
+        shared["sam2"] = load_sam2_model(t.sam2)
+    return Sam2Tracker(shared["sam2"], t.sam2, lost_after_s=t.lost_after_s, camera=camera.id)
+
+
+def build_sinks(settings: Settings, metrics: Metrics) -> list[Sink]:
+    """Every configured sink; all of them receive the same events."""
+    sinks: list[Sink] = []
+    state_dir = Path(settings.state.dir)
+    if settings.sinks.mqtt.enabled:
+        # First: its durable outbox holds every event before any other sink shows it.
+        from daemon.sinks.mqtt import MqttSink
+
+        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras))
+    if settings.sinks.stdout.enabled:
+        sinks.append(StdoutSink())
+    if settings.sinks.jsonl.path:
+        snap_dir = state_dir / "snapshots" if settings.sinks.jsonl.snapshots else None
+        sinks.append(JsonlSink(settings.sinks.jsonl.path, snapshots_dir=snap_dir))
+    return sinks
+
+
+class CameraPipeline:
+    """Runs detector → tracker → region logic for one camera's frames, in its own thread."""
+
+    def __init__(self, app: App, cam: CameraConfig, tracker):
+        self.app, self.cam, self.tracker = app, cam, tracker
+        m = app.metrics
+        self.buffer = FrameBuffer(
+            cam.id,
+            lossless=not (cam.is_live or cam.realtime),
+            capacity=cam.queue_frames,
+            buffer_s=cam.buffer_s,
+            buffer_mb=cam.buffer_mb,
+            jpeg_quality=cam.jpeg_quality,
+            on_skip=lambda reason, n: m.frames_skipped.labels(cam.id, reason).inc(n),
+        )
+        self.regions = RegionLogic(cam.id, cam.regions, debounce_s=app.settings.events.debounce_s)
+        self.source = open_source(
+            cam,
+            self.buffer,
+            on_frame=self._on_decoded,
+            on_state=lambda state: app.stream_state_changed(cam.id, state),
+        )
+        self.frames = 0
+        self.last_frame: Frame | None = None
+        self._next_detection_pts = float("-inf")
+        self._thread = threading.Thread(target=self._run, name=f"pipeline-{cam.id}", daemon=True)
+        self.done = threading.Event()
+
+    def _on_decoded(self, frame: Frame, decode_s: float) -> None:
+        self.app.metrics.frames_decoded.labels(self.cam.id).inc()
+        self.app.metrics.decode_seconds.labels(self.cam.id).observe(decode_s)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.source.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.source.stop()
+        self.done.wait(timeout)
+
+    def _run(self) -> None:
+        cam, m = self.cam.id, self.app.metrics
+        try:
+            while not self.app.stopping.is_set():
+                frame = self.buffer.get(timeout=0.5)
+                if frame is None:
+                    if self.buffer.closed:
+                        break
+                    continue
+                self._process(frame)
+            update = self.tracker.finish(self.last_frame)
+            self._emit_all(self.regions.update(update) if update else [])
+            self._emit_all(self.regions.finish())
+            self._publish_occupancy()
+        except Exception:
+            log.exception("camera %s: pipeline failed", cam)
+            self.app.pipeline_failed(cam)
+        finally:
+            m.people_tracked.labels(cam).set(0)
+            self.done.set()
+
+    def _process(self, frame: Frame) -> None:
+        cam, m = self.cam.id, self.app.metrics
+        self.last_frame = frame
+        self.frames += 1
+        m.frames_processed.labels(cam).inc()
+        self.buffer.remember(frame)
+        n, nbytes = self.buffer.stats()
+        m.frames_buffered.labels(cam).set(n)
+        m.buffer_bytes.labels(cam).set(nbytes)
+
+        detections = None
+        if frame.pts_s + 1e-6 >= self._next_detection_pts:
+            t0 = time.perf_counter()
+            detections = self.app.detector(frame.image)
+            m.detector_seconds.labels(cam).observe(time.perf_counter() - t0)
+            m.detector_runs.labels(cam).inc()
+            m.detections.labels(cam).inc(len(detections))
+            self._next_detection_pts = frame.pts_s + self.app.settings.detector.interval_s
+
+        t0 = time.perf_counter()
+        update = self.tracker.update(frame, detections)
+        if update is None:
+            return
+        m.tracker_seconds.labels(cam).observe(time.perf_counter() - t0)
+        m.people_tracked.labels(cam).set(self.tracker.active)
+        m.tracks_ended.labels(cam).inc(len(update.ended))
+        transitions = self.regions.update(update)
+        if transitions:
+            self._emit_all(transitions)
+            self._publish_occupancy()
+
+    def _emit_all(self, transitions: list[RegionTransition]) -> None:
+        for t in transitions:
+            self.app.emit(t, self._snapshot(t))
+
+    def _snapshot(self, t: RegionTransition) -> bytes | None:
+        if t.type != "entry":
+            return None
+        frame = self.buffer.find(t.frame)
+        return frame.jpeg if frame else None
+
+    def _publish_occupancy(self) -> None:
+        for region, count in self.regions.occupancy().items():
+            self.app.occupancy_changed(self.cam.id, region, count)
+
+
+class App:
+    """Builds every stage from :class:`Settings` and runs them."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.stopping = threading.Event()
+        self.detector: PersonDetector | None = None
+        self.pipelines: list[CameraPipeline] = []
+        self.sinks: list[Sink] = []
+        self.failed: list[str] = []
+        self._emit_lock = threading.Lock()
+        self._occupancy: dict[tuple[str, str], int] = {}
+        self._events: EventFactory | None = None
+        self._seq: SeqStore | None = None
+        self.ops = Ops(settings.metrics, self.metrics)  # /metrics, /healthz, /readyz, sd_notify
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load models and build every stage (slow: model loading). Raises on bad models."""
+        s = self.settings
+        d = s.detector
+        self.ops.start(lambda: {p.cam.id: p.source.state for p in self.pipelines})
+        self.detector = PersonDetector(
+            d.model, confidence=d.confidence, iou=d.iou, imgsz=d.imgsz, device=d.device,
+            min_box_area_px=d.min_box_area_px,
+        )
+        shared: dict = {}
+        cams = [c for c in s.cameras if c.enabled]
+        trackers = [build_tracker(s, c, shared) for c in cams]
+        self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync if s.state.fsync != "off" else "off")
+        self._events = EventFactory(self._seq)
+        self.sinks = build_sinks(s, self.metrics)
+        self.pipelines = [CameraPipeline(self, c, t) for c, t in zip(cams, trackers)]
+        self.metrics.build.info(
+            {
+                "version": __version__,
+                "backend": s.tracker.backend,
+                "detector_model": self.detector.model_name,
+                "sam2_model": Path(s.tracker.sam2.model_config_name).stem if s.tracker.backend == "sam2" else "",
+            }
+        )
+        for c in cams:
+            for r in c.regions:
+                self.metrics.occupancy.labels(c.id, r.id).set(0)
+        self.ops.init_series(cams, [k.name for k in self.sinks])
+        self.ops.loaded(f"models loaded ({self.detector.model_name}, {s.tracker.backend})")
+
+    def start(self) -> None:
+        for p in self.pipelines:
+            p.start()
+
+    @property
+    def all_files(self) -> bool:
+        return all(not p.cam.is_live for p in self.pipelines)
+
+    def run(self) -> int:
+        """Load, start and run until done (files) or stopped (signal). Returns an exit code."""
+        if self.detector is None:
+            self.load()
+        self.start()
+        try:
+            while not self.stopping.is_set():
+                self.ops.tick()  # heartbeat, WATCHDOG=1, STATUS=
+                if self.all_files and all(p.done.is_set() for p in self.pipelines):
+                    self.ops.finished()
+                    break
+                self.stopping.wait(0.5)
+        finally:
+            self.shutdown()
+        return 1 if self.failed else 0
+
+    def request_stop(self) -> None:
+        """Ask every stage to stop; :meth:`run` then flushes sinks and returns."""
+        self.stopping.set()
+
+    def shutdown(self) -> None:
+        self.ops.begin_stop()
+        self.stopping.set()
+        for p in self.pipelines:
+            p.stop()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("sink %s: close failed", sink.name)
+        if self._seq:
+            self._seq.close()
+        self.ops.close()
+
+    # -- callbacks from pipelines ---------------------------------------------------------
+    def emit(self, t: RegionTransition, snapshot: bytes | None) -> Event:
+        with self._emit_lock:
+            event = self._events.make(t)
+            self.metrics.events.labels(t.camera, t.region, t.type).inc()
+            for sink in self.sinks:
+                try:
+                    sink.publish(event, snapshot)
+                    self.metrics.sink_publish.labels(sink.name, "ok").inc()
+                except Exception:
+                    self.metrics.sink_publish.labels(sink.name, "error").inc()
+                    log.exception("sink %s: publish failed for event %s", sink.name, event.id)
+        return event
+
+    def occupancy_changed(self, camera: str, region: str, count: int) -> None:
+        with self._emit_lock:
+            if self._occupancy.get((camera, region)) == count:
+                return
+            self._occupancy[(camera, region)] = count
+            self.metrics.occupancy.labels(camera, region).set(count)
+            for sink in self.sinks:
+                sink.occupancy(camera, region, count)
+
+    def stream_state_changed(self, camera: str, state) -> None:
+        name = getattr(state, "value", str(state))
+        for s in ("connecting", "streaming", "reconnecting", "stopped"):
+            self.metrics.stream_state.labels(camera, s).set(1 if s == name else 0)
+        self.metrics.stream_up.labels(camera).set(1 if name == "streaming" else 0)
+        if name == "reconnecting":
+            self.metrics.reconnects.labels(camera).inc()
+        for sink in self.sinks:
+            sink.stream_state(camera, name == "streaming")
+
+    def pipeline_failed(self, camera: str) -> None:
+        self.failed.append(camera)

@@ -1,0 +1,127 @@
+"""Command line: ``regionwatch run | check-config | schema | version``.
+
+Exit codes: 0 success, 1 runtime failure (e.g. a model cannot be loaded), 2 invalid
+configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+
+from daemon import __version__
+from daemon.config import ConfigError, Settings, load_settings
+from daemon.redact import RedactingFilter
+
+log = logging.getLogger("regionwatch")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Logs go to stderr (stdout carries events), with URL credentials redacted."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(
+        _JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("ultralytics", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_or_exit(path: str) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load_or_exit(args.config)
+    cams = ", ".join(f"{c.id} ({len(c.regions)} regions)" for c in settings.cameras)
+    print(f"{args.config}: OK — {len(settings.cameras)} camera(s): {cams}; tracker {settings.tracker.backend}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load_or_exit(args.config)
+    setup_logging(args.log_level or settings.logging.level, settings.logging.format)
+    from daemon.app import App
+    from daemon.detector import ModelLoadError
+
+    app = App(settings)
+
+    def on_signal(signum, _frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        app.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    started = time.monotonic()
+    try:
+        app.load()
+    except (ModelLoadError, FileNotFoundError, RuntimeError) as e:
+        log.error("%s", e)
+        app.shutdown()
+        return 1
+    cams = ", ".join(p.cam.id for p in app.pipelines)
+    log.info("regionwatch %s running: cameras %s, tracker %s", __version__, cams, settings.tracker.backend)
+    code = app.run()
+    frames = sum(p.frames for p in app.pipelines)
+    log.info("stopped after %.1f s, %d frames processed", time.monotonic() - started, frames)
+    return code
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from daemon.events import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="regionwatch", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"regionwatch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon (files: process once and exit)")
+    run.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=cmd_run)
+
+    chk = sub.add_parser("check-config", help="validate a configuration file (exit 0 valid, 2 invalid)")
+    chk.add_argument("config")
+    chk.set_defaults(func=cmd_check_config)
+
+    sch = sub.add_parser("schema", help="print the event JSON Schema")
+    sch.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

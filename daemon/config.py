@@ -1,0 +1,467 @@
+"""Configuration: a tree of pydantic models, one per section, loaded from TOML + environment.
+
+The file is TOML; any key can be overridden from the environment as
+``REGIONWATCH_<SECTION>__<KEY>`` (e.g. ``REGIONWATCH_DETECTOR__CONFIDENCE=0.5``). Unknown keys
+are rejected everywhere, numbers are bounds-checked and region polygons are validated.
+
+Example:
+    >>> from daemon.config import Settings
+    >>> s = Settings.from_toml_text('''
+    ... [detector]
+    ... model = "yolo11n.pt"
+    ... [[cameras]]
+    ... id = "hall"
+    ... url = "rtsp://user:secret@192.0.2.10/stream1"
+    ... [[cameras.regions]]
+    ... id = "table"
+    ... polygon = [[300, 250], [470, 250], [470, 400], [300, 400]]
+    ... ''')
+    >>> s.cameras[0].regions[0].anchor
+    'bottom_center'
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from daemon.redact import redact_url
+
+Identifier = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$"),
+]
+"""Camera and region ids: safe in MQTT topics, metric labels and file names."""
+
+PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DetectorConfig(Section):
+    """[detector]: the YOLO person detector, run every ``interval_s`` of stream time."""
+
+    model: str = Field(min_length=1)
+    interval_s: float = Field(0.5, ge=0, le=3600)
+    confidence: float = Field(0.35, gt=0, lt=1)
+    iou: float = Field(0.7, gt=0, le=1)
+    imgsz: int = Field(640, ge=32, le=4096)
+    device: str = "cpu"
+    min_box_area_px: float = Field(0, ge=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, v: str) -> str:
+        looks_like_path = os.sep in v or v.startswith(".") or Path(v).suffix in {".onnx", ""}
+        if looks_like_path and not Path(v).exists():
+            # A bare name such as "yolo11n.pt" is left to ultralytics (which may download it);
+            # anything that looks like a path must exist.
+            raise ValueError(f"model file not found: {v}")
+        return v
+
+
+class ByteTrackConfig(Section):
+    """[tracker.bytetrack]: ultralytics' ByteTrack thresholds."""
+
+    track_high_thresh: float = Field(0.25, gt=0, lt=1)
+    track_low_thresh: float = Field(0.1, ge=0, lt=1)
+    new_track_thresh: float = Field(0.25, gt=0, lt=1)
+    match_thresh: float = Field(0.8, gt=0, le=1)
+    fuse_score: bool = True
+
+
+class Sam2Config(Section):
+    """[tracker.sam2]: the streaming SAM2 tracker."""
+
+    model_config_name: str = Field("configs/sam2.1/sam2.1_hiera_t.yaml", alias="model_config")
+    checkpoint: str = ""
+    device: str = "cuda"
+    image_size: int = Field(1024, ge=64, le=4096)
+    max_people: int = Field(16, ge=1, le=256)
+    track_fps: float = Field(10.0, gt=0, le=240)
+    match_iou: float = Field(0.3, gt=0, le=1)
+    prompt: Literal["box", "points"] = "box"
+    max_cond_frames: int = Field(2, ge=1, le=64)
+    bf16: bool = True
+    compile: bool = False
+    mask_polygon: bool = False
+    random_weights_for_tests: bool = False
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, v: str) -> str:
+        if v and not Path(v).is_file():
+            raise ValueError(f"SAM2 checkpoint not found: {v} (download it on a connected machine, see README)")
+        return v
+
+
+class TrackerConfig(Section):
+    """[tracker]: which tracker follows people between detections."""
+
+    backend: Literal["bytetrack", "sam2"] = "bytetrack"
+    lost_after_s: PositiveSeconds = 2.0
+    bytetrack: ByteTrackConfig = ByteTrackConfig()
+    sam2: Sam2Config = Sam2Config()
+
+
+class EventsConfig(Section):
+    """[events]: region logic tuning shared by all regions."""
+
+    debounce_s: float = Field(0.4, ge=0, le=60)
+
+
+class RefineConfig(Section):
+    """[refine]: look back through the frame buffer for the true entry frame."""
+
+    enabled: bool = False
+    budget_s: float = Field(0.5, gt=0, le=60)
+
+
+def _segments_cross(p1, p2, q1, q2) -> bool:
+    def orient(a, b, c) -> float:
+        return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+    def on_segment(a, b, c) -> bool:
+        return min(a[0], b[0]) <= c[0] <= max(a[0], b[0]) and min(a[1], b[1]) <= c[1] <= max(a[1], b[1])
+
+    d1, d2 = orient(q1, q2, p1), orient(q1, q2, p2)
+    d3, d4 = orient(p1, p2, q1), orient(p1, p2, q2)
+    if ((d1 > 0) != (d2 > 0)) and d1 != 0 and d2 != 0 and ((d3 > 0) != (d4 > 0)) and d3 != 0 and d4 != 0:
+        return True
+    return (
+        (d1 == 0 and on_segment(q1, q2, p1))
+        or (d2 == 0 and on_segment(q1, q2, p2))
+        or (d3 == 0 and on_segment(p1, p2, q1))
+        or (d4 == 0 and on_segment(p1, p2, q2))
+    )
+
+
+def validate_polygon(points: list[list[float]]) -> list[tuple[float, float]]:
+    """Check a polygon: >= 3 points of 2 finite numbers, simple (no self-intersection), area > 0.
+
+    Example:
+        >>> validate_polygon([[0, 0], [10, 0], [10, 10]])
+        [(0.0, 0.0), (10.0, 0.0), (10.0, 10.0)]
+    """
+    if len(points) < 3:
+        raise ValueError(f"a polygon needs at least 3 points, got {len(points)}")
+    pts: list[tuple[float, float]] = []
+    for i, p in enumerate(points):
+        if len(p) != 2:
+            raise ValueError(f"point {i} must be [x, y], got {len(p)} numbers")
+        x, y = float(p[0]), float(p[1])
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValueError(f"point {i} is not finite: [{p[0]}, {p[1]}]")
+        pts.append((x, y))
+    if len(set(pts)) != len(pts):
+        raise ValueError("polygon repeats a point")
+    n = len(pts)
+    for i in range(n):
+        for j in range(i + 1, n):
+            if j == i + 1 or (i == 0 and j == n - 1):
+                continue  # adjacent edges share a vertex
+            if _segments_cross(pts[i], pts[(i + 1) % n], pts[j], pts[(j + 1) % n]):
+                raise ValueError(f"polygon edges {i} and {j} intersect (self-intersecting polygon)")
+    area2 = sum(pts[i][0] * pts[(i + 1) % n][1] - pts[(i + 1) % n][0] * pts[i][1] for i in range(n))
+    if area2 == 0:
+        raise ValueError("polygon has zero area")
+    return pts
+
+
+class RegionConfig(Section):
+    """[[cameras.regions]]: a polygon in the camera's pixel coordinates."""
+
+    id: Identifier
+    polygon: list[list[float]]
+    anchor: Literal["bottom_center", "center", "bbox_overlap", "mask_overlap"] = "bottom_center"
+    min_overlap: float = Field(0.5, gt=0, le=1)
+
+    @field_validator("polygon")
+    @classmethod
+    def _polygon(cls, v: list[list[float]]) -> list[list[float]]:
+        return [list(p) for p in validate_polygon(v)]
+
+
+class CameraConfig(Section):
+    """[[cameras]]: one video source (file path or rtsp:// URL) and its regions."""
+
+    id: Identifier
+    url: str = Field(min_length=1)
+    enabled: bool = True
+    realtime: bool = False
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    open_timeout_s: PositiveSeconds = 10.0
+    read_timeout_s: PositiveSeconds = 10.0
+    reconnect_base_s: PositiveSeconds = 1.0
+    reconnect_max_s: PositiveSeconds = 30.0
+    stall_timeout_s: PositiveSeconds = 15.0
+    buffer_s: float = Field(10.0, ge=0, le=600)
+    buffer_mb: float = Field(128.0, gt=0, le=65536)
+    jpeg_quality: int = Field(85, ge=10, le=100)
+    queue_frames: int = Field(8, ge=1, le=1024)
+    regions: list[RegionConfig] = []
+
+    @property
+    def is_live(self) -> bool:
+        """True for network streams (reconnect forever), False for files (process once)."""
+        return "://" in self.url and not self.url.startswith("file://")
+
+    @property
+    def safe_url(self) -> str:
+        return redact_url(self.url)
+
+    @field_validator("url")
+    @classmethod
+    def _file_exists(cls, v: str) -> str:
+        if "://" not in v or v.startswith("file://"):
+            if not Path(v.removeprefix("file://")).is_file():
+                raise ValueError(f"video file not found: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> CameraConfig:
+        ids = [r.id for r in self.regions]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"duplicate region id(s): {', '.join(dup)}")
+        if self.reconnect_max_s < self.reconnect_base_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_base_s")
+        return self
+
+
+class JsonlSinkConfig(Section):
+    """[sinks.jsonl]: append one JSON event per line; empty path disables it."""
+
+    path: str = ""
+    snapshots: bool = False
+
+
+class StdoutSinkConfig(Section):
+    """[sinks.stdout]: print each event as one JSON line on standard output."""
+
+    enabled: bool = True
+
+
+class MqttTlsConfig(Section):
+    """[sinks.mqtt.tls]"""
+
+    enabled: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    insecure: bool = False
+
+
+class MqttSinkConfig(Section):
+    """[sinks.mqtt]: durable MQTT delivery."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = "regionwatch"
+    topic_prefix: str = Field("regionwatch", pattern=r"^[^#+\s]+$")
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    qos: Literal[0, 1, 2] = 1
+    username: str = ""
+    password_env: str = "REGIONWATCH_MQTT_PASSWORD"
+    password_file: str = ""
+    tls: MqttTlsConfig = MqttTlsConfig()
+    snapshots: bool = True
+    homeassistant_discovery: bool = False
+    discovery_prefix: str = "homeassistant"
+    reconnect_min_s: PositiveSeconds = 1.0
+    reconnect_max_s: PositiveSeconds = 30.0
+
+
+class SinksConfig(Section):
+    """[sinks]"""
+
+    jsonl: JsonlSinkConfig = JsonlSinkConfig()
+    stdout: StdoutSinkConfig = StdoutSinkConfig()
+    mqtt: MqttSinkConfig = MqttSinkConfig()
+
+
+class StateConfig(Section):
+    """[state]: where durable state (event sequence numbers, MQTT outbox, snapshots) lives."""
+
+    dir: str = Field(default_factory=lambda: os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state")
+    outbox_max_events: int = Field(100_000, ge=10)
+    outbox_max_age_s: float = Field(7 * 86400, gt=0)
+    fsync: Literal["full", "normal", "off"] = "normal"
+
+
+class MetricsConfig(Section):
+    """[metrics]: Prometheus metrics, /healthz, /readyz (and the preview) on one HTTP listener."""
+
+    enabled: bool = True
+    listen: str = Field("127.0.0.1:9108", pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]*):\d{1,5}$")
+    linger_s: float = Field(0.0, ge=0, le=3600)  # file-only runs: keep serving this long after the end
+
+
+class PreviewConfig(Section):
+    """[preview]: annotated live preview over HTTP on the metrics listener (off by default)."""
+
+    enabled: bool = False
+    max_fps: float = Field(5.0, gt=0, le=60)
+    jpeg_quality: int = Field(75, ge=10, le=100)
+
+
+class LoggingConfig(Section):
+    """[logging]"""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """The whole configuration file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REGIONWATCH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    detector: DetectorConfig
+    tracker: TrackerConfig = TrackerConfig()
+    events: EventsConfig = EventsConfig()
+    refine: RefineConfig = RefineConfig()
+    sinks: SinksConfig = SinksConfig()
+    state: StateConfig = StateConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    preview: PreviewConfig = PreviewConfig()
+    logging: LoggingConfig = LoggingConfig()
+    cameras: list[CameraConfig] = Field(min_length=1)
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_ids(cls, cams: list[CameraConfig]) -> list[CameraConfig]:
+        ids = [c.id for c in cams]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"duplicate camera id(s): {', '.join(dup)}")
+        return cams
+
+    @model_validator(mode="after")
+    def _checks(self) -> Settings:
+        if self.tracker.backend == "sam2" and not (
+            self.tracker.sam2.checkpoint or self.tracker.sam2.random_weights_for_tests
+        ):
+            raise ValueError("tracker.sam2.checkpoint is required when tracker.backend = 'sam2'")
+        for cam in self.cameras:
+            for r in cam.regions:
+                if r.anchor == "mask_overlap" and self.tracker.backend != "sam2":
+                    raise ValueError(
+                        f"cameras.{cam.id}.regions.{r.id}: anchor 'mask_overlap' needs tracker.backend = 'sam2'"
+                    )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment overrides the file; the file's contents arrive as init kwargs.
+        return env_settings, init_settings
+
+    @classmethod
+    def from_toml_text(cls, text: str, *, base_dir: Path | None = None) -> Settings:
+        """Parse and validate TOML text; relative paths resolve against ``base_dir``."""
+        data = tomllib.loads(text)
+        return cls(**_resolve_paths(data, base_dir)) if base_dir else cls(**data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Settings:
+        """Load a TOML file; relative file paths inside it are taken relative to the file."""
+        p = Path(path)
+        return cls.from_toml_text(p.read_text(encoding="utf-8"), base_dir=p.resolve().parent)
+
+
+_PATH_KEYS = {
+    ("detector", "model"),
+    ("tracker", "sam2", "checkpoint"),
+    ("sinks", "jsonl", "path"),
+    ("sinks", "mqtt", "password_file"),
+    ("sinks", "mqtt", "tls", "ca_file"),
+    ("sinks", "mqtt", "tls", "cert_file"),
+    ("sinks", "mqtt", "tls", "key_file"),
+    ("state", "dir"),
+}
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative file paths in the config relative to the config file's folder."""
+
+    def fix(value: Any, path: tuple[str, ...]) -> Any:
+        if not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value:
+            return value
+        candidate = base / value
+        if path == ("detector", "model") and not candidate.exists() and os.sep not in value:
+            return value  # a model name such as "yolo11n.pt", resolved by ultralytics
+        return str(candidate)
+
+    def walk(node: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, path + (k,)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, path) for v in node]
+        if path in _PATH_KEYS or path == ("cameras", "url"):
+            return fix(node, path)
+        return node
+
+    return walk(data, ())
+
+
+class ConfigError(Exception):
+    """Configuration problems, each rendered as ``section.key: what is wrong``."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """Turn a pydantic error into ``section.key: message`` lines (secrets redacted)."""
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        out.append(f"{loc}: {redact_url(msg)}")
+    return out
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Load and validate a config file, raising :class:`ConfigError` with readable problems."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"config: cannot read {p}: {e.strerror or e}"]) from None
+    try:
+        return Settings.from_toml_text(text, base_dir=p.resolve().parent)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"config: {p} is not valid TOML: {e}"]) from None
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

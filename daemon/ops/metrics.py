@@ -1,0 +1,91 @@
+"""Prometheus metrics of the daemon, all in one registry per running app.
+
+Labelled by camera (and region, reason, type, sink where they apply) — never by track id or URL.
+Names follow Prometheus conventions: base units, ``_total`` counters, ``_seconds``, ``_bytes``.
+
+Example:
+    >>> m = Metrics()
+    >>> m.frames_decoded.labels(camera="hall").inc()
+    >>> b"regionwatch_frames_decoded_total" in m.exposition()
+    True
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+NS = "regionwatch"
+
+
+class Metrics:
+    """Every metric the daemon exports, created on a private :class:`CollectorRegistry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu, fds
+
+        # Sources and frame buffer
+        self.frames_decoded = Counter(f"{NS}_frames_decoded", "Frames decoded.", ["camera"], registry=r)
+        self.frames_skipped = Counter(
+            f"{NS}_frames_skipped", "Frames deliberately not processed, by reason.", ["camera", "reason"], registry=r
+        )
+        self.frames_processed = Counter(
+            f"{NS}_frames_processed", "Frames that went through the pipeline.", ["camera"], registry=r
+        )
+        self.frames_buffered = Gauge(f"{NS}_frames_buffered", "Frames in the rolling buffer.", ["camera"], registry=r)
+        self.buffer_bytes = Gauge(f"{NS}_frame_buffer_bytes", "JPEG bytes in the rolling buffer.", ["camera"], registry=r)
+        self.stream_up = Gauge(f"{NS}_stream_up", "1 while the camera is streaming.", ["camera"], registry=r)
+        self.stream_state = Gauge(
+            f"{NS}_stream_state", "1 for the camera's current state.", ["camera", "state"], registry=r
+        )
+        self.reconnects = Counter(f"{NS}_stream_reconnects", "Stream reconnect attempts.", ["camera"], registry=r)
+        self.stream_fps = Gauge(f"{NS}_stream_fps", "Measured decode rate, frames per second.", ["camera"], registry=r)
+        self.decode_seconds = Histogram(
+            f"{NS}_decode_seconds", "Time to decode one frame.", ["camera"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+
+        # Detector and tracker
+        self.detector_runs = Counter(f"{NS}_detector_runs", "Detector invocations.", ["camera"], registry=r)
+        self.detector_seconds = Histogram(
+            f"{NS}_detector_seconds", "Detector latency per frame.", ["camera"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.detections = Counter(f"{NS}_detections", "People detected (boxes).", ["camera"], registry=r)
+        self.tracker_seconds = Histogram(
+            f"{NS}_tracker_step_seconds", "Tracker step latency.", ["camera"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.people_tracked = Gauge(f"{NS}_people_tracked", "People currently tracked.", ["camera"], registry=r)
+        self.tracks_started = Counter(f"{NS}_tracks_started", "Tracks started.", ["camera"], registry=r)
+        self.tracks_ended = Counter(f"{NS}_tracks_ended", "Tracks ended.", ["camera"], registry=r)
+        self.refine_budget_exceeded = Counter(
+            f"{NS}_refine_budget_exceeded", "Entry refinements stopped by their time budget.", ["camera"], registry=r
+        )
+
+        # Regions and events
+        self.occupancy = Gauge(f"{NS}_region_occupancy", "People inside the region.", ["camera", "region"], registry=r)
+        self.events = Counter(f"{NS}_events", "Events emitted.", ["camera", "region", "type"], registry=r)
+
+        # Sinks
+        self.sink_publish = Counter(
+            f"{NS}_sink_publish", "Sink publish attempts by result.", ["sink", "result"], registry=r
+        )
+        self.outbox_depth = Gauge(f"{NS}_outbox_events", "Events waiting in the MQTT outbox.", registry=r)
+        self.outbox_dropped = Counter(
+            f"{NS}_outbox_dropped", "Events dropped from the outbox by a bound.", ["reason"], registry=r
+        )
+        self.mqtt_connected = Gauge(f"{NS}_mqtt_connected", "1 while connected to the MQTT broker.", registry=r)
+
+        # Process
+        self.gpu_memory = Gauge(f"{NS}_gpu_memory_allocated_bytes", "CUDA memory allocated by torch.", ["device"], registry=r)
+        self.loop_heartbeat = Gauge(
+            f"{NS}_main_loop_heartbeat_timestamp_seconds", "Last time the main loop turned.", registry=r
+        )
+        self.ready = Gauge(f"{NS}_ready", "1 when models are loaded and a camera streams.", registry=r)
+        self.build = Info(f"{NS}_build", "Version, tracker backend and model names.", registry=r)
+
+    def exposition(self) -> bytes:
+        """The text exposition format, as served on /metrics."""
+        return generate_latest(self.registry)

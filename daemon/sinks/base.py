@@ -1,0 +1,32 @@
+"""What every sink implements. All sinks receive the same events, in order, per camera."""
+
+from __future__ import annotations
+
+from daemon.events import Event
+
+
+class Sink:
+    """Base class of event sinks.
+
+    ``publish`` must not block the pipeline for long: a sink that talks to the network queues
+    durably and delivers in its own thread. ``snapshot`` is the JPEG of the entry frame (with
+    the person drawn) when one is available.
+    """
+
+    name = "sink"
+
+    def publish(self, event: Event, snapshot: bytes | None = None) -> None:
+        raise NotImplementedError
+
+    def occupancy(self, camera: str, region: str, count: int) -> None:
+        """Number of people now inside ``region`` changed (default: ignored)."""
+
+    def stream_state(self, camera: str, online: bool) -> None:
+        """A camera's stream went online or offline (default: ignored)."""
+
+    def flush(self) -> None:
+        """Make everything published so far durable / delivered as far as the sink can."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
+        self.flush()

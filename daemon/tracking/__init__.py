@@ -1,0 +1,1 @@
+"""Trackers: follow detected people between frames. One module per backend."""

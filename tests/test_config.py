@@ -1,0 +1,193 @@
+"""Configuration: valid files, environment overrides, and many bad files with clear problems."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, Settings, load_settings, validate_polygon
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, body: str, footage: Path, model: Path) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(textwrap.dedent(body).replace("@FOOTAGE@", str(footage)).replace("@MODEL@", str(model)))
+    return p
+
+
+BASE = """
+[detector]
+model = "@MODEL@"
+interval_s = 0.5
+confidence = 0.35
+[tracker]
+backend = "bytetrack"
+[sinks.jsonl]
+path = "events.jsonl"
+[sinks.stdout]
+enabled = true
+[[cameras]]
+id = "hall"
+url = "@FOOTAGE@"
+[[cameras.regions]]
+id = "table"
+polygon = [[300, 250], [470, 250], [470, 400], [300, 400]]
+anchor = "bottom_center"
+"""
+
+
+def problems(tmp_path, body, footage, yolo_model) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, body, footage, yolo_model))
+    return e.value.problems
+
+
+def test_issue_shape_is_accepted(tmp_path, footage, yolo_model):
+    s = load_settings(write(tmp_path, BASE, footage, yolo_model))
+    assert s.detector.interval_s == 0.5
+    assert s.cameras[0].regions[0].polygon[2] == [470.0, 400.0]
+    # relative paths are taken relative to the config file
+    assert s.sinks.jsonl.path == str(tmp_path / "events.jsonl")
+    assert not s.cameras[0].is_live
+
+
+def test_env_overrides_file(tmp_path, footage, yolo_model, monkeypatch):
+    monkeypatch.setenv("REGIONWATCH_DETECTOR__CONFIDENCE", "0.6")
+    monkeypatch.setenv("REGIONWATCH_EVENTS__DEBOUNCE_S", "1.5")
+    s = load_settings(write(tmp_path, BASE, footage, yolo_model))
+    assert s.detector.confidence == 0.6
+    assert s.events.debounce_s == 1.5
+
+
+def test_env_override_is_validated(tmp_path, footage, yolo_model, monkeypatch):
+    monkeypatch.setenv("REGIONWATCH_DETECTOR__CONFIDENCE", "7")
+    assert problems(tmp_path, BASE, footage, yolo_model) == ["detector.confidence: Input should be less than 1"]
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (("confidence = 0.35", "confidence = 0.35\nconfdence = 1"), "detector.confdence: unknown key"),
+        (("interval_s = 0.5", "interval_s = -1"), "detector.interval_s: Input should be greater than or equal to 0"),
+        (("confidence = 0.35", "confidence = 1.5"), "detector.confidence: Input should be less than 1"),
+        (('backend = "bytetrack"', 'backend = "kalman"'), "tracker.backend: Input should be 'bytetrack' or 'sam2'"),
+        (('anchor = "bottom_center"', 'anchor = "head"'), "cameras.0.regions.0.anchor: Input should be"),
+        (
+            ("polygon = [[300, 250], [470, 250], [470, 400], [300, 400]]", "polygon = [[0, 0], [10, 0]]"),
+            "cameras.0.regions.0.polygon: a polygon needs at least 3 points, got 2",
+        ),
+        (
+            ("polygon = [[300, 250], [470, 250], [470, 400], [300, 400]]", "polygon = [[0, 0], [10, 10], [10, 0], [0, 10]]"),
+            "cameras.0.regions.0.polygon: polygon edges 0 and 2 intersect",
+        ),
+        (
+            ("polygon = [[300, 250], [470, 250], [470, 400], [300, 400]]", "polygon = [[0, 0], [nan, 0], [5, 5]]"),
+            "cameras.0.regions.0.polygon: point 1 is not finite",
+        ),
+        (
+            ("polygon = [[300, 250], [470, 250], [470, 400], [300, 400]]", "polygon = [[0, 0], [5, 5], [10, 10]]"),
+            "cameras.0.regions.0.polygon: polygon has zero area",
+        ),
+        (
+            ("polygon = [[300, 250], [470, 250], [470, 400], [300, 400]]", "polygon = [[0, 0], [5], [10, 10]]"),
+            "cameras.0.regions.0.polygon: point 1 must be [x, y]",
+        ),
+        (('id = "table"', 'id = "ta ble"'), "cameras.0.regions.0.id: String should match pattern"),
+        (('url = "@FOOTAGE@"', 'url = "/nonexistent/clip.mp4"'), "cameras.0.url: video file not found: /nonexistent/clip.mp4"),
+        (('model = "@MODEL@"', 'model = "/nonexistent/w.onnx"'), "detector.model: model file not found"),
+        (("[sinks.stdout]", "[sinks.stdout]\ncolour = true"), "sinks.stdout.colour: unknown key"),
+        (("[tracker]", "[trackr]"), "trackr: unknown key"),
+    ],
+)
+def test_bad_configs_name_section_and_key(tmp_path, footage, yolo_model, edit, expected):
+    old, new = edit
+    assert old in BASE
+    found = problems(tmp_path, BASE.replace(old, new, 1), footage, yolo_model)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_missing_required_and_duplicates(tmp_path, footage, yolo_model):
+    body = BASE.replace('model = "@MODEL@"\n', "") + BASE[BASE.index("[[cameras]]"):]
+    found = problems(tmp_path, body, footage, yolo_model)
+    assert "detector.model: required key is missing" in found
+    assert "cameras: duplicate camera id(s): hall" in found
+
+
+def test_sam2_needs_checkpoint(tmp_path, footage, yolo_model):
+    found = problems(tmp_path, BASE.replace('"bytetrack"', '"sam2"'), footage, yolo_model)
+    assert any("tracker.sam2.checkpoint is required" in p for p in found)
+    body = BASE.replace('"bytetrack"', '"sam2"') + '[tracker.sam2]\ncheckpoint = "/nope/sam2.1_hiera_tiny.pt"\n'
+    body = body.replace("[tracker.sam2]", "[tracker.sam2]", 1)
+    found = problems(tmp_path, body.replace('[tracker]\nbackend = "sam2"\n', ""), footage, yolo_model)
+    assert any("SAM2 checkpoint not found: /nope/sam2.1_hiera_tiny.pt" in p for p in found)
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[detector\nmodel=")
+    with pytest.raises(ConfigError) as e:
+        load_settings(p)
+    assert e.value.problems[0].startswith("config: ") and "not valid TOML" in e.value.problems[0]
+    with pytest.raises(ConfigError) as e:
+        load_settings(tmp_path / "missing.toml")
+    assert "cannot read" in e.value.problems[0]
+
+
+def test_secrets_are_redacted_in_problems(tmp_path, footage, yolo_model):
+    body = BASE.replace('url = "@FOOTAGE@"', 'url = "rtsp://admin:hunter2@192.0.2.1/s"\nrtsp_transport = "sctp"')
+    found = problems(tmp_path, body, footage, yolo_model)
+    assert found and all("hunter2" not in p for p in found)
+
+
+@pytest.mark.parametrize(
+    "poly",
+    [[[0, 0], [4, 0], [4, 4], [0, 4]], [[0, 0], [10, 0], [5, 3], [10, 10], [0, 10]], [[0, 0], [1e4, 0], [0, 1e4]]],
+)
+def test_valid_polygons(poly):
+    assert len(validate_polygon(poly)) == len(poly)
+
+
+@pytest.mark.parametrize(
+    "poly",
+    [
+        [[0, 0], [4, 4], [4, 0], [0, 4]],  # bow tie
+        [[0, 0], [10, 0], [10, 10], [5, 0], [0, 10]],  # vertex touching an edge
+        [[0, 0], [4, 0], [4, 4], [0, 0]],  # repeated point
+        [[0, 0], [float("inf"), 0], [4, 4]],
+    ],
+)
+def test_invalid_polygons(poly):
+    with pytest.raises(ValueError):
+        validate_polygon(poly)
+
+
+def test_example_config_documents_every_key_and_is_valid(tmp_path, footage, yolo_model):
+    text = (REPO / "config.example.toml").read_text()
+    for key in ("interval_s", "backend", "debounce_s", "buffer_s", "topic_prefix", "listen", "max_people"):
+        assert key in text
+    # Point the example's paths at real files, then it must validate.
+    s = Settings.from_toml_text(
+        text.replace("/etc/regionwatch/yolov8n.onnx", str(yolo_model)).replace(
+            "/var/lib/regionwatch/sample.mp4", str(footage)
+        ),
+        base_dir=tmp_path,
+    )
+    assert s.cameras
+
+
+def test_check_config_cli_exit_codes(tmp_path, footage, yolo_model, regionwatch_bin):
+    good = write(tmp_path, BASE, footage, yolo_model)
+    r = subprocess.run([regionwatch_bin, "check-config", good], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace("confidence = 0.35", "confidence = 2\nfoo = 1"))
+    r = subprocess.run([regionwatch_bin, "check-config", bad], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == ["detector.confidence: Input should be less than 1", "detector.foo: unknown key"]
+    r = subprocess.run([regionwatch_bin, "run", "--config", bad], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
