@@ -141,25 +141,46 @@ class Zone:
         return pts
 
 
+def mask_outline(mask: np.ndarray, epsilon_px: float = 2.0) -> list[list[float]] | None:
+    """The outline of a mask's largest blob as a simplified polygon [[x, y], ...] (None if empty).
+
+    Example:
+        >>> m = np.zeros((100, 100), bool); m[20:80, 30:60] = True
+        >>> mask_outline(m)
+        [[30.0, 20.0], [30.0, 79.0], [59.0, 79.0], [59.0, 20.0]]
+    """
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    poly = cv2.approxPolyDP(max(contours, key=cv2.contourArea), epsilon_px, True).reshape(-1, 2)
+    return poly.astype(float).tolist()
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Pixel-edge box (x1, y1, x2, y2) of a mask, or None when empty."""
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    if cols.size == 0:
+        return None
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
 @dataclass(slots=True)
 class _Sighting:
+    """Where a person was on one frame (the mask is kept by reference, only used for events)."""
+
     frame: int
     pts_s: float
     wall_time: float
     bbox: tuple[float, float, float, float]
     anchor: tuple[float, float]
     score: float
-    mask_bbox: tuple[float, float, float, float] | None
+    mask: np.ndarray | None
 
     @classmethod
     def of(cls, frame: Frame, person: TrackedPerson, anchor: np.ndarray) -> _Sighting:
-        mb = None
-        if person.mask is not None and person.mask.any():
-            ys, xs = np.nonzero(person.mask.any(axis=1))[0], np.nonzero(person.mask.any(axis=0))[0]
-            mb = (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1))
         return cls(
             frame.index, frame.pts_s, frame.wall_time, tuple(float(v) for v in person.bbox),
-            (float(anchor[0]), float(anchor[1])), float(person.score), mb,
+            (float(anchor[0]), float(anchor[1])), float(person.score), person.mask,
         )
 
 
@@ -177,8 +198,11 @@ class _Presence:
 class RegionLogic:
     """Per-camera region state: feed it tracker updates, get entry/exit transitions."""
 
-    def __init__(self, camera: str, regions: list[RegionConfig], *, debounce_s: float = 0.4):
+    def __init__(
+        self, camera: str, regions: list[RegionConfig], *, debounce_s: float = 0.4, mask_polygon: bool = False
+    ):
         self.camera = camera
+        self.mask_polygon = mask_polygon
         self.zones = [Zone(r) for r in regions]
         self.debounce_s = debounce_s
         self._state: dict[tuple[int, str], _Presence] = {}
@@ -253,5 +277,7 @@ class RegionLogic:
         return RegionTransition(
             type=kind, camera=self.camera, region=zone_id, track_id=track_id, frame=at.frame,
             pts_s=at.pts_s, wall_time=at.wall_time, bbox=at.bbox, anchor=at.anchor, score=at.score,
-            mask_bbox=at.mask_bbox, **extra,
+            mask_bbox=None if at.mask is None else mask_box(at.mask),
+            mask_polygon=mask_outline(at.mask) if self.mask_polygon and at.mask is not None else None,
+            **extra,
         )

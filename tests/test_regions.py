@@ -138,3 +138,14 @@ def test_mask_footprint_and_mask_overlap():
     p2 = TrackedPerson(2, np.array([140, 150, 160, 250], np.float32), 0.9, m2)
     assert not run(logic("mask_overlap", min_overlap=0.9), [(0, [p2], ())])
     assert mask_footprint(np.zeros((5, 5), bool)) is None
+
+
+def test_mask_polygon_in_events_when_asked():
+    m = np.zeros((300, 300), bool)
+    m[120:190, 130:170] = True
+    p = TrackedPerson(1, np.array([130, 120, 170, 190], np.float32), 0.9, m)
+    L = RegionLogic("cam", [RegionConfig(id="r", polygon=SQUARE)], debounce_s=0, mask_polygon=True)
+    (entry,) = run(L, [(0, [p], ())])
+    assert entry.mask_polygon == [[130.0, 120.0], [130.0, 189.0], [169.0, 189.0], [169.0, 120.0]]
+    (entry,) = run(logic(), [(0, [p], ())])
+    assert entry.mask_polygon is None and entry.mask_bbox == (130.0, 120.0, 170.0, 190.0)
