@@ -12,16 +12,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from daemon import __version__
 from daemon.config import CameraConfig, Settings
 from daemon.detector import PersonDetector
+from daemon.draw import MaskMemory, encode_jpeg, render_snapshot
 from daemon.events import Event, EventFactory, RegionTransition
 from daemon.framebuffer import FrameBuffer
 from daemon.ops.metrics import Metrics
+from daemon.ops.preview import attach_preview
 from daemon.ops.runtime import Ops
-from daemon.records import Frame
+from daemon.records import Frame, TrackUpdate
+from daemon.refine import EntryRefiner
 from daemon.regions import RegionLogic
 from daemon.sinks.base import Sink
 from daemon.sinks.jsonl import JsonlSink
@@ -30,6 +34,9 @@ from daemon.sources import open_source
 from daemon.state import SeqStore
 
 log = logging.getLogger(__name__)
+
+Observer = Callable[[Frame, "TrackUpdate | None", "list[RegionTransition]"], None]
+"""Called by a pipeline for every processed frame: (frame, tracker update or None, transitions)."""
 
 # WIRING-READY
 
@@ -71,25 +78,33 @@ class CameraPipeline:
     def __init__(self, app: App, cam: CameraConfig, tracker):
         self.app, self.cam, self.tracker = app, cam, tracker
         m = app.metrics
-        self.buffer = FrameBuffer(
+        self.buffer = FrameBuffer.for_camera(cam, on_skip=lambda reason, n: m.frames_skipped.labels(cam.id, reason).inc(n))
+        self.regions = RegionLogic(
             cam.id,
-            lossless=not (cam.is_live or cam.realtime),
-            capacity=cam.queue_frames,
-            buffer_s=cam.buffer_s,
-            buffer_mb=cam.buffer_mb,
-            jpeg_quality=cam.jpeg_quality,
-            on_skip=lambda reason, n: m.frames_skipped.labels(cam.id, reason).inc(n),
+            cam.regions,
+            debounce_s=app.settings.events.debounce_s,
+            mask_polygon=app.settings.tracker.backend == "sam2" and app.settings.tracker.sam2.mask_polygon,
         )
-        self.regions = RegionLogic(cam.id, cam.regions, debounce_s=app.settings.events.debounce_s)
+        # [refine]: entries moved back to the first buffered frame with the person inside.
+        self.refiner = EntryRefiner.for_camera(
+            app.settings.refine, cam.id, self.buffer, self.regions.zones, app.detector,
+            on_budget_exceeded=lambda: m.refine_budget_exceeded.labels(cam.id).inc(),
+        )
         self.source = open_source(
             cam,
             self.buffer,
             on_frame=self._on_decoded,
             on_state=lambda state: app.stream_state_changed(cam.id, state),
+            on_reconnect=lambda n: m.reconnects.labels(cam.id).inc(),
         )
         self.frames = 0
         self.last_frame: Frame | None = None
+        # Observers (annotate, preview) see every processed frame; they must be quick and never draw
+        # on frame.image. One that raises is logged and detached.
+        self.observers: list[Observer] = []
+        self._masks = MaskMemory(keep_s=app.settings.events.debounce_s + 2.0)  # entry-snapshot masks
         self._next_detection_pts = float("-inf")
+        self._tracks: set[int] = set()
         self._thread = threading.Thread(target=self._run, name=f"pipeline-{cam.id}", daemon=True)
         self.done = threading.Event()
 
@@ -116,8 +131,8 @@ class CameraPipeline:
                     continue
                 self._process(frame)
             update = self.tracker.finish(self.last_frame)
-            self._emit_all(self.regions.update(update) if update else [])
-            self._emit_all(self.regions.finish())
+            self._emit_all(self.refiner.process(self.regions.update(update) if update else []))
+            self._emit_all(self.refiner.process(self.regions.finish()))
             self._publish_occupancy()
         except Exception:
             log.exception("camera %s: pipeline failed", cam)
@@ -131,7 +146,6 @@ class CameraPipeline:
         self.last_frame = frame
         self.frames += 1
         m.frames_processed.labels(cam).inc()
-        self.buffer.remember(frame)
         n, nbytes = self.buffer.stats()
         m.frames_buffered.labels(cam).set(n)
         m.buffer_bytes.labels(cam).set(nbytes)
@@ -141,6 +155,7 @@ class CameraPipeline:
             t0 = time.perf_counter()
             detections = self.app.detector(frame.image)
             m.detector_seconds.labels(cam).observe(time.perf_counter() - t0)
+            self.refiner.detector_ran(frame.index, time.perf_counter() - t0)
             m.detector_runs.labels(cam).inc()
             m.detections.labels(cam).inc(len(detections))
             self._next_detection_pts = frame.pts_s + self.app.settings.detector.interval_s
@@ -148,14 +163,29 @@ class CameraPipeline:
         t0 = time.perf_counter()
         update = self.tracker.update(frame, detections)
         if update is None:
+            self._notify(frame, None, [])
             return
         m.tracker_seconds.labels(cam).observe(time.perf_counter() - t0)
         m.people_tracked.labels(cam).set(self.tracker.active)
+        new = {p.track_id for p in update.people} - self._tracks
+        m.tracks_started.labels(cam).inc(len(new))
         m.tracks_ended.labels(cam).inc(len(update.ended))
-        transitions = self.regions.update(update)
+        self._tracks = (self._tracks | new) - set(update.ended)
+        self._masks.add(update)
+        self.refiner.observe(update)
+        transitions = self.refiner.process(self.regions.update(update))
         if transitions:
             self._emit_all(transitions)
             self._publish_occupancy()
+        self._notify(frame, update, transitions)
+
+    def _notify(self, frame: Frame, update: TrackUpdate | None, transitions: list[RegionTransition]) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(frame, update, transitions)
+            except Exception:
+                log.exception("camera %s: frame observer %r failed; detached", self.cam.id, observer)
+                self.observers.remove(observer)
 
     def _emit_all(self, transitions: list[RegionTransition]) -> None:
         for t in transitions:
@@ -165,7 +195,16 @@ class CameraPipeline:
         if t.type != "entry":
             return None
         frame = self.buffer.find(t.frame)
-        return frame.jpeg if frame else None
+        if frame is None and self.buffer.flush(1.0):  # the JPEG encoder thread may lag a little
+            frame = self.buffer.find(t.frame)
+        if frame is None:
+            return None
+        try:  # the entry frame with that person's box (and mask) drawn
+            image = render_snapshot(frame.decode(), t, self.cam.regions, mask=self._masks.get(t.frame, t.track_id))
+            return encode_jpeg(image, self.cam.jpeg_quality)
+        except Exception:
+            log.exception("camera %s: drawing the entry snapshot failed; sending the plain frame", self.cam.id)
+            return frame.jpeg
 
     def _publish_occupancy(self) -> None:
         for region, count in self.regions.occupancy().items():
@@ -188,6 +227,7 @@ class App:
         self._events: EventFactory | None = None
         self._seq: SeqStore | None = None
         self.ops = Ops(settings.metrics, self.metrics)  # /metrics, /healthz, /readyz, sd_notify
+        self.preview = None  # daemon.ops.preview.Preview once loaded, when [preview] enabled
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -206,6 +246,7 @@ class App:
         self._events = EventFactory(self._seq)
         self.sinks = build_sinks(s, self.metrics)
         self.pipelines = [CameraPipeline(self, c, t) for c, t in zip(cams, trackers)]
+        self.preview = attach_preview(s.preview, self.ops.server, self.pipelines)  # [preview], off by default
         self.metrics.build.info(
             {
                 "version": __version__,
@@ -236,6 +277,8 @@ class App:
         try:
             while not self.stopping.is_set():
                 self.ops.tick()  # heartbeat, WATCHDOG=1, STATUS=
+                for p in self.pipelines:
+                    self.metrics.stream_fps.labels(p.cam.id).set(p.source.fps)
                 if self.all_files and all(p.done.is_set() for p in self.pipelines):
                     self.ops.finished()
                     break
@@ -290,8 +333,6 @@ class App:
         for s in ("connecting", "streaming", "reconnecting", "stopped"):
             self.metrics.stream_state.labels(camera, s).set(1 if s == name else 0)
         self.metrics.stream_up.labels(camera).set(1 if name == "streaming" else 0)
-        if name == "reconnecting":
-            self.metrics.reconnects.labels(camera).inc()
         for sink in self.sinks:
             sink.stream_state(camera, name == "streaming")
 

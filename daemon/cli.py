@@ -1,4 +1,4 @@
-"""Command line: ``regionwatch run | check-config | schema | version``.
+"""Command line: ``regionwatch run | annotate | check-config | schema | version``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. a model cannot be loaded), 2 invalid
 configuration or usage.
@@ -92,6 +92,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_annotate(args: argparse.Namespace) -> int:
+    settings = _load_or_exit(args.config)
+    setup_logging(args.log_level or "WARNING", settings.logging.format)  # quiet: the progress bar speaks
+    from daemon.annotate import run_command
+
+    return run_command(settings, args)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from daemon.events import json_schema
 
@@ -115,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sch = sub.add_parser("schema", help="print the event JSON Schema")
     sch.set_defaults(func=cmd_schema)
+
+    ann = sub.add_parser("annotate", help="write an annotated H.264 MP4 of a file camera (regions, people, events)")
+    ann.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    ann.add_argument("--camera", help="camera id (may be left out when the config has one camera)")
+    ann.add_argument("--output", "-o", required=True, help="the MP4 file to write")
+    ann.add_argument("--max-frames", type=int, metavar="N", help="stop after the first N frames")
+    ann.add_argument("--crf", type=int, default=20, choices=range(0, 52), metavar="0-51",
+                     help="x264 quality: lower is better and bigger (default 20)")
+    ann.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ann.set_defaults(func=cmd_annotate)
     return p
 
 

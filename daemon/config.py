@@ -126,7 +126,7 @@ class RefineConfig(Section):
     """[refine]: look back through the frame buffer for the true entry frame."""
 
     enabled: bool = False
-    budget_s: float = Field(0.5, gt=0, le=60)
+    budget_s: float = Field(1.5, gt=0, le=60)
 
 
 def _segments_cross(p1, p2, q1, q2) -> bool:

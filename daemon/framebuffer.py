@@ -114,7 +114,13 @@ class FrameBuffer:
         self._encoding: int | None = None  # index of the frame on the encoder right now
         self._history: collections.deque[BufferedFrame] = collections.deque()
         self._history_bytes = 0
+        # One lock, one condition per kind of waiter: a put wakes the consumer and the encoder,
+        # not every thread (spurious wake-ups cost measurable CPU at hundreds of frames/s).
         self._cond = threading.Condition()
+        self._can_get = threading.Condition(self._cond)  # pipeline: pending frames or closed
+        self._can_put = threading.Condition(self._cond)  # lossless producer: room or closed
+        self._can_encode = threading.Condition(self._cond)  # encoder: work or closed
+        self._encoded_cv = threading.Condition(self._cond)  # remember/flush: encoder progress
         self._closed = False
         self._encoder: threading.Thread | None = None
         self._put = self._taken = self._encoded = 0
@@ -153,7 +159,7 @@ class FrameBuffer:
                 room = lambda: self._closed or (  # noqa: E731
                     len(self._pending) < self.capacity and len(self._to_encode) < self.capacity
                 )
-                if not self._cond.wait_for(room, timeout) or self._closed:
+                if not self._can_put.wait_for(room, timeout) or self._closed:
                     return False
             else:
                 if self._closed:
@@ -169,12 +175,13 @@ class FrameBuffer:
                         self._history_skipped[SKIP_ENCODER_BEHIND] += 1
             self._pending.append(frame)
             self._put += 1
+            self._can_get.notify()
             if self.encode_all:
                 self._to_encode.append(frame)
                 if self._encoder is None:
                     self._encoder = threading.Thread(target=self._encode_loop, name=f"jpeg-{self.camera}", daemon=True)
                     self._encoder.start()
-            self._cond.notify_all()
+                self._can_encode.notify()
         if skipped:
             self._on_skip(SKIP_CONSUMER_BEHIND, skipped)
         return True
@@ -186,7 +193,8 @@ class FrameBuffer:
         """
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            for cv in (self._can_get, self._can_put, self._can_encode, self._encoded_cv):
+                cv.notify_all()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the encoder thread to exit after :meth:`close`. True if it did."""
@@ -200,13 +208,13 @@ class FrameBuffer:
     def get(self, timeout: float | None = None) -> Frame | None:
         """The next frame to process, or None on timeout / when closed and drained."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
+            if not self._can_get.wait_for(lambda: self._pending or self._closed, timeout):
                 return None
             if not self._pending:
                 return None
             frame = self._pending.popleft()
             self._taken += 1
-            self._cond.notify_all()
+            self._can_put.notify()
         return frame
 
     @property
@@ -225,12 +233,12 @@ class FrameBuffer:
     def _encode_loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._to_encode or self._closed)
+                self._can_encode.wait_for(lambda: self._to_encode or self._closed)
                 if not self._to_encode:
                     return
                 frame = self._to_encode.popleft()
                 self._encoding = frame.index
-                self._cond.notify_all()
+                self._can_put.notify()
             t0 = time.thread_time()
             try:
                 item = self._encode(frame)
@@ -245,7 +253,7 @@ class FrameBuffer:
                     self._history_skipped["encode_failed"] += 1
                 self._encode_cpu_s += cpu
                 self._encoding = None
-                self._cond.notify_all()
+                self._encoded_cv.notify_all()
 
     def _insert(self, item: BufferedFrame) -> None:
         """Add to the history in index order and evict beyond the bounds (lock held)."""
@@ -266,7 +274,7 @@ class FrameBuffer:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every frame put so far went through the encoder. True if it did."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._to_encode and self._encoding is None, timeout)
+            return self._encoded_cv.wait_for(lambda: not self._to_encode and self._encoding is None, timeout)
 
     def remember(self, frame: Frame, timeout: float = 5.0) -> BufferedFrame:
         """The buffered JPEG of ``frame``: the history's copy, encoded now if it has none.
@@ -278,7 +286,7 @@ class FrameBuffer:
         idx = frame.index
         if self.encode_all:
             with self._cond:
-                self._cond.wait_for(
+                self._encoded_cv.wait_for(
                     lambda: self._encoding != idx and all(f.index != idx for f in self._to_encode), timeout
                 )
                 found = self._find(idx)

@@ -238,6 +238,25 @@ class VideoSource:
             return 0.0
         return self._fps
 
+    def status(self) -> dict:
+        """A snapshot for health checks and metrics (the URL redacted).
+
+        Example:
+            >>> src = FileSource("hall", "clip.mp4", FrameBuffer("hall", lossless=True))
+            >>> src.status()["state"], src.status()["reconnects"]
+            ('connecting', 0)
+        """
+        return {
+            "camera": self.camera,
+            "url": self.safe_url,
+            "state": self.state.value,
+            "reconnects": self.reconnects,
+            "fps": round(self.fps, 2),
+            "frames": self.frames,
+            "last_frame_wall": self.last_frame_wall,
+            "error": self.error,
+        }
+
     # -- helpers for subclasses ----------------------------------------------------------
     def _main(self) -> None:
         self._notify(self.state)
@@ -278,7 +297,10 @@ class VideoSource:
         self._fps = (len(times) - 1) / span if span > 0 else 0.0
         self._last_mono = mono
         self._on_frame(frame, decode_s)
-        return self.buffer.put(frame)
+        if self.buffer.put(frame):
+            return True
+        self._stop.set()  # whoever closed the buffer wants no more frames
+        return False
 
     def _decode_packet(self, packet) -> tuple[list, float]:
         """Decode one packet to BGR arrays: ([(image, raw pts seconds or None)], seconds per frame)."""

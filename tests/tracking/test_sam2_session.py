@@ -1,0 +1,236 @@
+"""StreamingSam2Session: shapes, equivalence with the official SAM2VideoPredictor, memory bounds.
+
+SAM2 runs with random weights (no checkpoint can be had here) at image_size 256: these tests
+check mechanics and numerical equivalence, never tracking quality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sam2")
+av = pytest.importorskip("av")
+
+from PIL import Image  # noqa: E402
+from sam2.build_sam import build_sam2_video_predictor  # noqa: E402
+
+from daemon.tracking.sam2_session import (  # noqa: E402
+    PersonOutput,
+    SessionFullError,
+    StreamingSam2Session,
+    points_from_box,
+)
+
+FOOTAGE = Path(__file__).resolve().parents[2].parent / "shared/assets/footage/one-by-one-person-detection.mp4"
+FIRST_FRAME = 80  # a person stands at the table from here on
+CLIP_FRAMES = 32
+PERSON_BOX = [380, 40, 530, 400]  # the person at the table (768x432 footage)
+PILLAR_BOX = [520, 0, 620, 260]
+TABLE_BOX = [200, 150, 330, 330]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_sam2_video_predictor(
+        "configs/sam2.1/sam2.1_hiera_t.yaml",
+        ckpt_path=None,
+        device="cpu",
+        hydra_overrides_extra=["++model.image_size=256"],
+        apply_postprocessing=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    """CLIP_FRAMES footage frames as a JPEG folder (the official predictor's input) and the
+    same JPEGs decoded back to RGB arrays (the session's input): identical pixels on both sides."""
+    if not FOOTAGE.is_file():
+        pytest.skip(f"footage not found: {FOOTAGE} (the shared assets folder is absent)")
+    folder = tmp_path_factory.mktemp("clip")
+    with av.open(str(FOOTAGE)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index >= FIRST_FRAME + CLIP_FRAMES:
+                break
+            if index >= FIRST_FRAME:
+                frame.to_image().save(folder / f"{index - FIRST_FRAME:05d}.jpg", quality=95)
+    frames = [np.array(Image.open(path).convert("RGB")) for path in sorted(folder.glob("*.jpg"))]
+    return folder, frames
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def _official(model, state, obj_id: int, start: int, prompt: dict, reverse: bool = False) -> dict[int, tuple]:
+    """{frame: (mask, object score)} from the official predictor tracking one object alone."""
+    model.reset_state(state)
+    model.add_new_points_or_box(state, frame_idx=start, obj_id=obj_id, **prompt)
+    masks = {f: logits[0, 0].numpy() > 0 for f, _, logits in model.propagate_in_video(state, start, reverse=reverse)}
+    stored = state["output_dict_per_obj"][0]  # {"cond_frame_outputs": {...}, "non_cond_frame_outputs": {...}}
+    scores = {f: float(out["object_score_logits"]) for by_frame in stored.values() for f, out in by_frame.items()}
+    return {f: (masks[f], scores[f]) for f in masks}
+
+
+class _CallCounter:
+    """Counts forwards of a module (e.g. how many batched memory-attention calls a step makes)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def test_points_from_box_is_the_notebook_heuristic():
+    points, labels = points_from_box([100, 200, 140, 400])
+    np.testing.assert_allclose(points, [[120, 300], [120, 310], [120, 270]])
+    assert labels.tolist() == [1, 1, 1]
+
+
+def test_step_outputs_shapes_ids_and_lazy_encoding(model, clip):
+    _, frames = clip
+    session = StreamingSam2Session(model)
+    encoder = _CallCounter(model.image_encoder)
+    try:
+        assert session.step(frames[0]) == {} and encoder.calls == 0  # nobody: no encoding
+        with pytest.raises(ValueError):
+            session.add_person(1)
+        first = session.add_person(1, box=PERSON_BOX)
+        points, labels = points_from_box(TABLE_BOX)
+        session.add_person(2, points=points, labels=labels)
+        assert encoder.calls == 1  # both prompts reuse the frame's features
+        outputs = session.step(frames[1])
+        assert encoder.calls == 2
+    finally:
+        encoder.close()
+    assert isinstance(first, PersonOutput)
+    assert session.people == (1, 2) and sorted(outputs) == [1, 2] and session.frame_index == 1
+    for obj_id, out in outputs.items():
+        assert out.mask.shape == frames[1].shape[:2] and out.mask.dtype == bool
+        assert out.score == session.presence(obj_id) and out.present == (out.score > 0)
+        if out.mask.any():
+            ys, xs = np.nonzero(out.mask)
+            assert out.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        else:
+            assert out.bbox is None
+
+
+def test_matches_official_predictor_per_object(model, clip):
+    """People added on different frames; masks and scores match the official predictor run per
+    object, including the frames where the session batches them together."""
+    folder, frames = clip
+    points, labels = points_from_box(TABLE_BOX)
+    prompts = {1: (0, {"box": PERSON_BOX}), 2: (9, {"points": points, "labels": labels})}
+    state = model.init_state(str(folder))
+    official = {obj_id: _official(model, state, obj_id, start, prompt) for obj_id, (start, prompt) in prompts.items()}
+
+    session = StreamingSam2Session(model, num_frames=len(frames))
+    attention = _CallCounter(model.memory_attention)
+    ious, calls = [], []
+    try:
+        for index, frame in enumerate(frames):
+            attention.calls = 0
+            outputs = session.step(frame)
+            calls.append(attention.calls)
+            outputs.update(
+                {obj_id: session.add_person(obj_id, **prompt) for obj_id, (start, prompt) in prompts.items() if start == index}
+            )
+            for obj_id, out in outputs.items():
+                mask, score = official[obj_id][index]
+                ious.append(_iou(out.mask, mask))
+                assert ious[-1] >= 0.99, (obj_id, index, ious[-1])
+                assert out.score == pytest.approx(score, abs=1e-3)
+    finally:
+        attention.close()
+    assert len(ious) == sum(len(frames) - start for start, _ in prompts.values())
+    assert calls[10:] == [2] * 15 + [1] * 7, calls  # separate until person 2's history fills
+
+
+def test_reverse_order_matches_official_reverse_propagation(model, clip):
+    """Feeding buffered frames newest-first tracks backwards like propagate_in_video(reverse=True)."""
+    folder, frames = clip
+    last = 15
+    state = model.init_state(str(folder))
+    official = _official(model, state, 1, last, {"box": PERSON_BOX}, reverse=True)
+    session = StreamingSam2Session(model, num_frames=len(frames))
+    for index in range(last, -1, -1):
+        outputs = session.step(frames[index])
+        if index == last:
+            outputs = {1: session.add_person(1, box=PERSON_BOX)}
+        assert _iou(outputs[1].mask, official[index][0]) >= 0.99, index
+        assert outputs[1].score == pytest.approx(official[index][1], abs=1e-3)
+
+
+def test_memory_stays_flat_with_three_people(model, clip):
+    _, frames = clip
+    session = StreamingSam2Session(model)
+    num_frames, warm_up = 36, 19  # the last person is added on frame 2; histories fill 16 frames later
+    starts = {1: (0, PERSON_BOX), 2: (1, PILLAR_BOX), 3: (2, TABLE_BOX)}
+    sizes = []
+    for index in range(num_frames):
+        session.step(frames[index % len(frames)])
+        for obj_id, (start, box) in starts.items():
+            if start == index:
+                session.add_person(obj_id, box=box)
+        sizes.append(session.memory_bytes())
+        for person in session._people.values():
+            assert len(person.cond) == 1
+            assert len(person.recent) <= 15
+            assert sum(mem.maskmem is not None for mem in person.recent.values()) <= model.num_maskmem - 1
+    assert len(set(sizes[warm_up:])) == 1, sizes
+    for obj_id in starts:
+        session.remove_person(obj_id)
+    # per person exactly: 1 conditioning + 6 recent bf16 mask memories (64x16x16) + 16 pointers
+    per_person = (1 + 6) * 64 * 16 * 16 * 2 + (1 + 15) * 256 * 4
+    assert sizes[-1] - session.memory_bytes() == 3 * per_person
+
+
+def test_add_remove_and_reanchor_mid_stream(model, clip):
+    _, frames = clip
+    session = StreamingSam2Session(model, max_cond_frames=2)
+    session.step(frames[0])
+    session.add_person(1, box=PERSON_BOX)
+    for index in range(1, 4):
+        assert sorted(session.step(frames[index])) == [1]
+    session.add_person(2, box=PILLAR_BOX)
+    assert sorted(session.step(frames[4])) == [1, 2]
+    session.remove_person(1)
+    with pytest.raises(KeyError):
+        session.remove_person(1)
+    assert sorted(session.step(frames[5])) == [2] and session.people == (2,)
+    session.add_person(1, box=TABLE_BOX)  # a removed id comes back as a new person
+    assert sorted(session.step(frames[6])) == [1, 2]
+    for index in range(7, 10):  # re-prompting person 2 on three frames: first + latest kept
+        session.step(frames[index])
+        session.add_person(2, box=PILLAR_BOX)
+    assert list(session._people[2].cond) == [3, 9]
+    assert {7, 8} <= set(session._people[2].recent)  # demoted to ordinary memories
+    assert sorted(session.step(frames[10])) == [1, 2]
+
+
+def test_max_people_and_prompt_errors(model, clip):
+    _, frames = clip
+    session = StreamingSam2Session(model, max_people=2)
+    with pytest.raises(RuntimeError):
+        session.add_person(1, box=PERSON_BOX)  # no current frame yet
+    session.step(frames[0])
+    session.add_person(1, box=PERSON_BOX)
+    session.add_person(2, box=PILLAR_BOX)
+    with pytest.raises(SessionFullError):
+        session.add_person(3, box=TABLE_BOX)
+    with pytest.raises(ValueError):
+        session.add_person(2, points=[[10, 10]])  # points without labels
+    session.add_person(2, box=TABLE_BOX)  # re-anchoring a tracked id is always allowed
+    session.remove_person(1)
+    session.add_person(3, box=TABLE_BOX)
+    assert session.people == (2, 3)
