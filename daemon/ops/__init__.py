@@ -1,0 +1,1 @@
+"""Operations: metrics, HTTP listener (health, readiness, preview), systemd notify, GPU metrics."""
