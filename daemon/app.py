@@ -30,15 +30,13 @@ from daemon.regions import RegionLogic
 from daemon.sinks.base import Sink
 from daemon.sinks.jsonl import JsonlSink
 from daemon.sinks.stdout import StdoutSink
-from daemon.sources import open_source
+from daemon.sources import SourceState, open_source
 from daemon.state import SeqStore
 
 log = logging.getLogger(__name__)
 
 Observer = Callable[[Frame, "TrackUpdate | None", "list[RegionTransition]"], None]
 """Called by a pipeline for every processed frame: (frame, tracker update or None, transitions)."""
-
-# WIRING-READY
 
 
 def build_tracker(settings: Settings, camera: CameraConfig, shared: dict):
@@ -116,12 +114,15 @@ class CameraPipeline:
         self._thread.start()
         self.source.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self.source.stop()
-        self.done.wait(timeout)
+    def stop(self) -> None:
+        """Ask the source to stop (without waiting); the pipeline then drains and finishes."""
+        self.source.stop(timeout=0)
+
+    MAX_CONSECUTIVE_ERRORS = 25
 
     def _run(self) -> None:
         cam, m = self.cam.id, self.app.metrics
+        errors = 0
         try:
             while not self.app.stopping.is_set():
                 frame = self.buffer.get(timeout=0.5)
@@ -129,7 +130,17 @@ class CameraPipeline:
                     if self.buffer.closed:
                         break
                     continue
-                self._process(frame)
+                try:
+                    self._process(frame)
+                    errors = 0
+                except Exception:
+                    # One bad frame (e.g. CUDA out of memory) must not end the camera; a pipeline that
+                    # keeps failing stops the daemon (exit 1) so systemd restarts it.
+                    errors += 1
+                    m.frames_skipped.labels(cam, "pipeline_error").inc()
+                    log.exception("camera %s: frame %d failed (%d in a row)", cam, frame.index, errors)
+                    if errors >= self.MAX_CONSECUTIVE_ERRORS:
+                        raise
             update = self.tracker.finish(self.last_frame)
             self._emit_all(self.refiner.process(self.regions.update(update) if update else []))
             self._emit_all(self.refiner.process(self.regions.finish()))
@@ -137,6 +148,11 @@ class CameraPipeline:
         except Exception:
             log.exception("camera %s: pipeline failed", cam)
             self.app.pipeline_failed(cam)
+            try:  # exits for whoever was inside, so consumers' occupancy returns to zero
+                self._emit_all(self.regions.finish())
+                self._publish_occupancy()
+            except Exception:
+                log.exception("camera %s: final exit events failed", cam)
         finally:
             m.people_tracked.labels(cam).set(0)
             self.done.set()
@@ -222,7 +238,7 @@ class App:
         self.pipelines: list[CameraPipeline] = []
         self.sinks: list[Sink] = []
         self.failed: list[str] = []
-        self._emit_lock = threading.Lock()
+        self._emit_locks: dict[str, threading.Lock] = {c.id: threading.Lock() for c in settings.cameras}
         self._occupancy: dict[tuple[str, str], int] = {}
         self._events: EventFactory | None = None
         self._seq: SeqStore | None = None
@@ -242,7 +258,7 @@ class App:
         shared: dict = {}
         cams = [c for c in s.cameras if c.enabled]
         trackers = [build_tracker(s, c, shared) for c in cams]
-        self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync if s.state.fsync != "off" else "off")
+        self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync)
         self._events = EventFactory(self._seq)
         self.sinks = build_sinks(s, self.metrics)
         self.pipelines = [CameraPipeline(self, c, t) for c, t in zip(cams, trackers)]
@@ -282,20 +298,29 @@ class App:
                 if self.all_files and all(p.done.is_set() for p in self.pipelines):
                     self.ops.finished()
                     break
+                if self.failed:  # a live pipeline gave up: exit 1 so the supervisor restarts us
+                    break
                 self.stopping.wait(0.5)
         finally:
             self.shutdown()
-        return 1 if self.failed else 0
+        file_errors = [p.cam.id for p in self.pipelines if not p.cam.is_live and p.source.error]
+        return 1 if self.failed or file_errors else 0
 
     def request_stop(self) -> None:
         """Ask every stage to stop; :meth:`run` then flushes sinks and returns."""
         self.stopping.set()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 20.0) -> None:
+        """Stop every camera at once, wait for their last events, then flush and close the sinks."""
         self.ops.begin_stop()
         self.stopping.set()
         for p in self.pipelines:
             p.stop()
+        deadline = time.monotonic() + timeout_s
+        for p in self.pipelines:
+            if not p.done.wait(max(0.0, deadline - time.monotonic())):
+                log.error("camera %s: pipeline did not finish within %.0f s of the stop", p.cam.id, timeout_s)
+                self.failed.append(p.cam.id)
         for sink in self.sinks:
             try:
                 sink.close()
@@ -307,7 +332,7 @@ class App:
 
     # -- callbacks from pipelines ---------------------------------------------------------
     def emit(self, t: RegionTransition, snapshot: bytes | None) -> Event:
-        with self._emit_lock:
+        with self._emit_locks[t.camera]:  # events stay in seq order per camera
             event = self._events.make(t)
             self.metrics.events.labels(t.camera, t.region, t.type).inc()
             for sink in self.sinks:
@@ -320,7 +345,7 @@ class App:
         return event
 
     def occupancy_changed(self, camera: str, region: str, count: int) -> None:
-        with self._emit_lock:
+        with self._emit_locks[camera]:
             if self._occupancy.get((camera, region)) == count:
                 return
             self._occupancy[(camera, region)] = count
@@ -330,8 +355,8 @@ class App:
 
     def stream_state_changed(self, camera: str, state) -> None:
         name = getattr(state, "value", str(state))
-        for s in ("connecting", "streaming", "reconnecting", "stopped"):
-            self.metrics.stream_state.labels(camera, s).set(1 if s == name else 0)
+        for s in SourceState:
+            self.metrics.stream_state.labels(camera, s.value).set(1 if s.value == name else 0)
         self.metrics.stream_up.labels(camera).set(1 if name == "streaming" else 0)
         for sink in self.sinks:
             sink.stream_state(camera, name == "streaming")

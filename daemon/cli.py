@@ -30,6 +30,8 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # already formatted (and redacted) by RedactingFilter
+            out["exc"] = record.exc_text
         return json.dumps(out)
 
 
@@ -68,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or settings.logging.level, settings.logging.format)
     from daemon.app import App
     from daemon.detector import ModelLoadError
+    from daemon.sinks.mqtt import MqttConfigError
 
     app = App(settings)
 
@@ -80,6 +83,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         app.load()
+    except MqttConfigError as e:  # e.g. the password file is missing: a configuration problem
+        print(f"sinks.mqtt: {e}", file=sys.stderr)
+        app.shutdown()
+        return 2
     except (ModelLoadError, FileNotFoundError, RuntimeError) as e:
         log.error("%s", e)
         app.shutdown()

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from daemon.redact import redact_url
 
@@ -361,7 +362,7 @@ class Settings(BaseSettings):
         if self.tracker.backend == "sam2" and not (
             self.tracker.sam2.checkpoint or self.tracker.sam2.random_weights_for_tests
         ):
-            raise ValueError("tracker.sam2.checkpoint is required when tracker.backend = 'sam2'")
+            raise ValueError("tracker.sam2.checkpoint: required when tracker.backend = 'sam2'")
         for cam in self.cameras:
             for r in cam.regions:
                 if r.anchor == "mask_overlap" and self.tracker.backend != "sam2":
@@ -442,8 +443,12 @@ def format_validation_error(err: ValidationError) -> list[str]:
     """Turn a pydantic error into ``section.key: message`` lines (secrets redacted)."""
     out = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        if not loc and re.match(r"^[\w.\-]+: ", msg):  # a cross-field check that names its key
+            out.append(redact_url(msg))
+            continue
+        loc = loc or "config"
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
@@ -465,3 +470,5 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError([f"config: {p} is not valid TOML: {e}"]) from None
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+    except SettingsError as e:  # e.g. malformed JSON in a REGIONWATCH_<SECTION> environment override
+        raise ConfigError([f"environment: {redact_url(str(e))}"]) from None

@@ -23,18 +23,22 @@ def redact_url(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """A logging filter that redacts URL credentials from every record's final message."""
+    """A logging filter that redacts URL credentials from every record's message and traceback.
+
+    The whole traceback is formatted and redacted here (chained exceptions included: PyAV
+    errors carry the full stream URL in their text), then kept as ``record.exc_text``.
+    """
+
+    _formatter = logging.Formatter()
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
         clean = redact_url(msg)
         if clean != msg:
             record.msg, record.args = clean, None
-        if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            text = redact_url(str(exc))
-            if text != str(exc):
-                record.exc_info = None
-                record.exc_text = None
-                record.msg = f"{record.msg} ({type(exc).__name__}: {text})"
+        if record.exc_info:
+            record.exc_text = redact_url(self._formatter.formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact_url(record.exc_text)
         return True

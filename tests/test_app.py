@@ -132,3 +132,13 @@ def test_bad_model_fails_before_anything_starts(tmp_path, footage, regionwatch_b
     assert r.returncode == 1
     assert "detector.model: cannot load" in r.stderr
     assert not (tmp_path / "events.jsonl").exists() or not (tmp_path / "events.jsonl").read_text()
+
+
+def test_a_file_that_is_not_video_exits_1_with_a_clear_error(tmp_path, yolo_model, regionwatch_bin):
+    bad = tmp_path / "clip.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    cfg = write_config(tmp_path, bad, yolo_model)
+    r = subprocess.run([regionwatch_bin, "run", "--config", cfg], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "camera hall" in r.stderr and str(bad) in r.stderr
+    assert "Traceback" not in r.stderr

@@ -119,7 +119,7 @@ def test_missing_required_and_duplicates(tmp_path, footage, yolo_model):
 
 def test_sam2_needs_checkpoint(tmp_path, footage, yolo_model):
     found = problems(tmp_path, BASE.replace('"bytetrack"', '"sam2"'), footage, yolo_model)
-    assert any("tracker.sam2.checkpoint is required" in p for p in found)
+    assert "tracker.sam2.checkpoint: required when tracker.backend = 'sam2'" in found
     body = BASE.replace('"bytetrack"', '"sam2"') + '[tracker.sam2]\ncheckpoint = "/nope/sam2.1_hiera_tiny.pt"\n'
     body = body.replace("[tracker.sam2]", "[tracker.sam2]", 1)
     found = problems(tmp_path, body.replace('[tracker]\nbackend = "sam2"\n', ""), footage, yolo_model)
@@ -191,3 +191,16 @@ def test_check_config_cli_exit_codes(tmp_path, footage, yolo_model, regionwatch_
     assert r.stderr.splitlines() == ["detector.confidence: Input should be less than 1", "detector.foo: unknown key"]
     r = subprocess.run([regionwatch_bin, "run", "--config", bad], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_cross_field_problem_names_its_key(tmp_path, footage, yolo_model):
+    body = BASE.replace('anchor = "bottom_center"', 'anchor = "mask_overlap"')
+    assert problems(tmp_path, body, footage, yolo_model) == [
+        "cameras.hall.regions.table: anchor 'mask_overlap' needs tracker.backend = 'sam2'"
+    ]
+
+
+def test_malformed_environment_override_is_a_config_error(tmp_path, footage, yolo_model, monkeypatch):
+    monkeypatch.setenv("REGIONWATCH_DETECTOR", "{bad json")
+    found = problems(tmp_path, BASE, footage, yolo_model)
+    assert len(found) == 1 and found[0].startswith("environment: ") and "detector" in found[0]

@@ -17,7 +17,8 @@ Masks match the official predictor run per object (tests check mask IoU >= 0.99)
 Reverse propagation: SAM2's memory only uses *distances between steps*, and the session only
 sees an increasing step counter. A fresh session fed buffered frames newest-first therefore
 tracks backwards exactly like the official predictor's ``propagate_in_video(reverse=True)``
-(with ``memory_temporal_stride_for_eval == 1``, as in every SAM2.1 config).
+(with ``memory_temporal_stride_for_eval == 1``, as in every SAM2.1 config); see
+:meth:`StreamingSam2Session.sibling`.
 
 Example (random weights, so the masks mean nothing; the mechanics are real):
 
@@ -253,6 +254,20 @@ class StreamingSam2Session:
             tensors.append(self._maskmem_pos)
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
+
+    def sibling(self) -> StreamingSam2Session:
+        """A new, empty session with this one's model and settings.
+
+        E.g. to track a person backwards: feed it buffered frames newest-first and prompt the
+        person on the first frame fed (see the module docstring).
+        """
+        return StreamingSam2Session(
+            self._model,
+            max_cond_frames=self.max_cond_frames,
+            num_frames=self.num_frames,
+            autocast_dtype=self._autocast_dtype,
+            max_people=self.max_people,
+        )
 
     # ----------------------------------------------------------------------------- commands
     def remove_person(self, obj_id: int) -> None:

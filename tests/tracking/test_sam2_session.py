@@ -162,7 +162,9 @@ def test_reverse_order_matches_official_reverse_propagation(model, clip):
     last = 15
     state = model.init_state(str(folder))
     official = _official(model, state, 1, last, {"box": PERSON_BOX}, reverse=True)
-    session = StreamingSam2Session(model, num_frames=len(frames))
+    forward = StreamingSam2Session(model, num_frames=len(frames))
+    session = forward.sibling()
+    assert session.num_frames == forward.num_frames and session is not forward
     for index in range(last, -1, -1):
         outputs = session.step(frames[index])
         if index == last:
