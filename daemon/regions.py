@@ -119,13 +119,17 @@ class Zone:
         if self.anchor == "bbox_overlap":
             boxes = np.stack([p.bbox for p in people])
             return self.bbox_overlap(boxes, width, height) >= self.min_overlap
-        # mask_overlap
+        # mask_overlap: count inside the person's box only (the mask is empty outside it)
         region = self.mask(width, height)
         out = np.zeros(len(people), bool)
         for i, p in enumerate(people):
-            if p.mask is not None:
-                area = np.count_nonzero(p.mask)
-                out[i] = area > 0 and np.count_nonzero(p.mask & region) / area >= self.min_overlap
+            if p.mask is None:
+                continue
+            x1, y1 = max(int(p.bbox[0]), 0), max(int(p.bbox[1]), 0)
+            x2, y2 = int(np.ceil(p.bbox[2])), int(np.ceil(p.bbox[3]))
+            crop = p.mask[y1:y2, x1:x2]
+            area = np.count_nonzero(crop)
+            out[i] = area > 0 and np.count_nonzero(crop & region[y1:y2, x1:x2]) / area >= self.min_overlap
         return out
 
     def anchor_points(self, people: tuple[TrackedPerson, ...]) -> np.ndarray:
@@ -220,8 +224,12 @@ class RegionLogic:
         frame = update.frame
         width, height = frame.size
         people = update.people
+        anchors_by_kind: dict[bool, np.ndarray] = {}  # feet or centre: computed once per update
         for zone in self.zones:
-            anchors = zone.anchor_points(people)
+            kind = zone.anchor == "center"
+            if kind not in anchors_by_kind:
+                anchors_by_kind[kind] = zone.anchor_points(people)
+            anchors = anchors_by_kind[kind]
             inside = zone.test(people, anchors, width, height)
             for person, anchor, now_inside in zip(people, anchors, inside):
                 st = self._state.setdefault((person.track_id, zone.id), _Presence())
