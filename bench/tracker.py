@@ -172,7 +172,7 @@ class Worker:
     def session(self, k: int):
         from daemon.tracking.sam2_session import StreamingSam2Session
 
-        session = StreamingSam2Session(self.model, autocast_dtype=self.autocast_dtype)
+        session = StreamingSam2Session(self.model, autocast_dtype=self.autocast_dtype, max_batch=self.args.max_batch)
         session.step(self.frames[0])
         for obj_id, (points, labels) in enumerate(self.prompts(k)):
             session.add_person(obj_id, points=points, labels=labels)
@@ -234,7 +234,7 @@ class Worker:
     def long_run(self, frames: int) -> list[dict]:
         from daemon.tracking.sam2_session import StreamingSam2Session, points_from_box
 
-        session = StreamingSam2Session(self.model, autocast_dtype=self.autocast_dtype)
+        session = StreamingSam2Session(self.model, autocast_dtype=self.autocast_dtype, max_batch=self.args.max_batch)
         height, width = self.frames[0].shape[:2]
         boxes = person_boxes(3, width, height)
         enters = {0: 0, 1: 1, 3: 2}  # frame -> person entering on it
@@ -257,7 +257,11 @@ class Worker:
 # ----------------------------------------------------------------------------- driver
 def run_worker(args: argparse.Namespace, job: str, n: int) -> dict | list:
     command = [sys.executable, str(Path(__file__).resolve()), "--image-size", str(args.image_size)]
-    command += ["--device", args.device, "--clip", args.clip, "--worker", job, str(n)] + ["--bf16"] * args.bf16
+    command += ["--device", args.device, "--clip", args.clip, "--worker", job, str(n)]
+    if args.bf16:
+        command.append("--bf16")
+    if args.max_batch is not None:
+        command += ["--max-batch", str(args.max_batch)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"worker {job} {n} failed:\n{done.stderr[-4000:]}")
@@ -274,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=12, help="frames per run (N)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
+    parser.add_argument("--max-batch", type=int, help="the session's max_batch (default: no cap)")
     parser.add_argument("--ks", type=int, nargs="*", default=[1, 2, 4, 8], help="people counts")
     parser.add_argument("--long-frames", type=int, default=0, help="also run the session alone with 3 people this long")
     parser.add_argument("--clip", help=argparse.SUPPRESS)
@@ -294,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
 
     precision = "bf16 autocast" if args.bf16 else "fp32"
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; sam2.1 hiera_t, random weights")
-    print(f"image_size {args.image_size}, {precision}, N = {args.frames} frames of {FOOTAGE.name} from frame {FIRST_FRAME}")
+    print(f"image_size {args.image_size}, {precision}, session max_batch {args.max_batch}")
+    print(f"N = {args.frames} frames of {FOOTAGE.name} from frame {FIRST_FRAME}")
     print(f"load average at start: {os.getloadavg()[0]:.1f} (other processes share the CPU)")
     with tempfile.TemporaryDirectory() as clip:
         args.clip = clip

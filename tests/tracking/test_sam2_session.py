@@ -25,7 +25,6 @@ from daemon.tracking.sam2_session import (  # noqa: E402
     points_from_box,
 )
 
-FOOTAGE = Path(__file__).resolve().parents[2].parent / "shared/assets/footage/one-by-one-person-detection.mp4"
 FIRST_FRAME = 80  # a person stands at the table from here on
 CLIP_FRAMES = 32
 PERSON_BOX = [380, 40, 530, 400]  # the person at the table (768x432 footage)
@@ -46,13 +45,11 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+def clip(tmp_path_factory, footage: Path) -> tuple[Path, list[np.ndarray]]:
     """CLIP_FRAMES footage frames as a JPEG folder (the official predictor's input) and the
     same JPEGs decoded back to RGB arrays (the session's input): identical pixels on both sides."""
-    if not FOOTAGE.is_file():
-        pytest.skip(f"footage not found: {FOOTAGE} (the shared assets folder is absent)")
     folder = tmp_path_factory.mktemp("clip")
-    with av.open(str(FOOTAGE)) as container:
+    with av.open(str(footage)) as container:
         for index, frame in enumerate(container.decode(video=0)):
             if index >= FIRST_FRAME + CLIP_FRAMES:
                 break
@@ -218,6 +215,26 @@ def test_add_remove_and_reanchor_mid_stream(model, clip):
     assert list(session._people[2].cond) == [3, 9]
     assert {7, 8} <= set(session._people[2].recent)  # demoted to ordinary memories
     assert sorted(session.step(frames[10])) == [1, 2]
+
+
+def test_max_batch_splits_forwards_without_changing_results(model, clip):
+    _, frames = clip
+    sessions = {size: StreamingSam2Session(model, max_batch=size) for size in (None, 2)}
+    attention = _CallCounter(model.memory_attention)
+    try:
+        for index in range(3):
+            outputs = {}
+            for size, session in sessions.items():
+                attention.calls = 0
+                outputs[size] = session.step(frames[index])
+                assert attention.calls == (index > 0) * {None: 1, 2: 2}[size]
+                if index == 0:
+                    for obj_id, box in enumerate((PERSON_BOX, PILLAR_BOX, TABLE_BOX)):
+                        session.add_person(obj_id, box=box)
+            for obj_id, out in outputs[None].items():
+                assert _iou(out.mask, outputs[2][obj_id].mask) >= 0.99
+    finally:
+        attention.close()
 
 
 def test_max_people_and_prompt_errors(model, clip):
