@@ -170,8 +170,9 @@ class CameraPipeline:
         if frame.pts_s + 1e-6 >= self._next_detection_pts:
             t0 = time.perf_counter()
             detections = self.app.detector(frame.image)
-            m.detector_seconds.labels(cam).observe(time.perf_counter() - t0)
-            self.refiner.detector_ran(frame.index, time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            m.detector_seconds.labels(cam).observe(elapsed)
+            self.refiner.detector_ran(frame.index, elapsed)
             m.detector_runs.labels(cam).inc()
             m.detections.labels(cam).inc(len(detections))
             self._next_detection_pts = frame.pts_s + self.app.settings.detector.interval_s

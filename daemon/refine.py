@@ -78,6 +78,7 @@ import numpy as np
 
 from daemon.events import RegionTransition
 from daemon.framebuffer import BufferedFrame
+from daemon.geometry import box_iou
 from daemon.records import Detections, TrackedPerson, TrackUpdate
 from daemon.regions import Zone
 
@@ -185,22 +186,6 @@ class Lookback(Protocol):
     def find_entry(self, query: EntryQuery, frames: Sequence[BufferedFrame], deadline: Deadline) -> LookbackResult: ...
 
 
-def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box with each of (N,4) boxes, vectorised.
-
-    Example:
-        >>> box_iou(np.array([0, 0, 10, 10.0]), np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30.0]])).round(3).tolist()
-        [1.0, 0.333, 0.0]
-    """
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    a = np.asarray(box, np.float64)
-    iw = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
-
-
 def match_box(
     ref: Sequence[float],
     boxes: np.ndarray,
@@ -227,7 +212,7 @@ def match_box(
     if len(boxes) == 0:
         return None
     r = np.asarray(ref, np.float64)
-    iou = box_iou(r, boxes)
+    iou = box_iou(r, boxes)[0]
     best = int(np.argmax(iou))
     if iou[best] >= min_iou:
         return best
@@ -511,6 +496,5 @@ __all__ = [
     "LookbackResult",
     "RefineStats",
     "Sighting",
-    "box_iou",
     "match_box",
 ]

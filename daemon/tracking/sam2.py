@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.config import Sam2Config
+from daemon.geometry import box_iou
 from daemon.records import Detections, Frame, TrackedPerson, TrackUpdate
 
 log = logging.getLogger(__name__)
@@ -84,22 +85,6 @@ def load_sam2_model(cfg: Sam2Config) -> Sam2Model:
         predictor.image_encoder.forward = torch.compile(predictor.image_encoder.forward, dynamic=False)
     autocast = torch.bfloat16 if cfg.bf16 and device.startswith("cuda") else None
     return Sam2Model(predictor, cfg, threading.Lock(), autocast)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix between (N,4) and (M,4) xyxy boxes.
-
-    Example:
-        >>> box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])).round(3).tolist()
-        [[1.0, 0.333, 0.0]]
-    """
-    a = np.asarray(a, np.float64).reshape(-1, 4)[:, None, :]
-    b = np.asarray(b, np.float64).reshape(-1, 4)[None, :, :]
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih
-    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
 
 
 @dataclass(slots=True)
