@@ -40,57 +40,15 @@ from typing import TextIO
 import av
 import numpy as np
 
-from daemon.config import (
-    JsonlSinkConfig,
-    MetricsConfig,
-    MqttSinkConfig,
-    PreviewConfig,
-    Settings,
-    SinksConfig,
-    StateConfig,
-    StdoutSinkConfig,
-)
+from daemon.config import Settings
 from daemon.draw import SceneAnnotator, SceneBuilder
+from daemon.jobs import JobError, VideoInfo, file_camera_settings
 from daemon.events import RegionTransition
 from daemon.records import Frame, TrackUpdate
 
 log = logging.getLogger(__name__)
 
 ENCODER = "libx264"
-
-
-class AnnotateError(Exception):
-    """A problem that stops the job before it starts; ``code`` is the process exit code."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True, slots=True)
-class VideoInfo:
-    """What a video file says about its first video stream."""
-
-    width: int
-    height: int
-    rate: Fraction
-    frames: int  # 0 when the container does not say
-
-    @classmethod
-    def probe(cls, path: str | os.PathLike[str]) -> VideoInfo:
-        """Read size, frame rate and frame count from the file's header.
-
-        Example:
-            >>> VideoInfo.probe("../shared/assets/footage/one-by-one-person-detection.mp4")
-            VideoInfo(width=768, height=432, rate=Fraction(10, 1), frames=1394)
-        """
-        with av.open(str(path)) as c:
-            s = c.streams.video[0]
-            rate = s.average_rate or s.guessed_rate or s.base_rate or Fraction(25)
-            frames = int(s.frames or 0)
-            if not frames and s.duration and s.time_base:
-                frames = round(float(s.duration * s.time_base * rate))
-            return cls(int(s.codec_context.width), int(s.codec_context.height), Fraction(rate), frames)
 
 
 class ProgressBar:
@@ -165,7 +123,7 @@ class Mp4Writer:
     def __init__(self, path: str | os.PathLike[str], width: int, height: int, rate: Fraction, *,
                  crf: int = 20, preset: str = "veryfast", queue_frames: int = 8):
         if ENCODER not in av.codecs_available:
-            raise AnnotateError(f"PyAV's FFmpeg (av {av.__version__}) has no {ENCODER} encoder; "
+            raise JobError(f"PyAV's FFmpeg (av {av.__version__}) has no {ENCODER} encoder; "
                                 "install a PyAV wheel built with libx264")
         self.path = Path(path)
         self.rate = Fraction(rate)
@@ -287,53 +245,30 @@ class AnnotateResult:
                 f"{events}; {self.seconds:.1f} s ({fps:.1f} frames/s)" + (" (interrupted)" if self.interrupted else ""))
 
 
-def job_settings(settings: Settings, camera_id: str | None, state_dir: str) -> Settings:
-    """The settings of an annotate run: one file camera, processed losslessly, publishing nothing."""
-    cams = settings.cameras
-    if camera_id is None:
-        if len(cams) != 1:
-            raise AnnotateError(f"the config has {len(cams)} cameras; pick one with --camera "
-                                f"({', '.join(c.id for c in cams)})", 2)
-        camera_id = cams[0].id
-    cam = next((c for c in cams if c.id == camera_id), None)
-    if cam is None:
-        raise AnnotateError(f"no camera {camera_id!r} in the config (cameras: {', '.join(c.id for c in cams)})", 2)
-    if cam.is_live:
-        raise AnnotateError(f"camera {cam.id} is a live stream ({cam.safe_url}); annotate needs a file", 2)
-    return settings.model_copy(update={
-        "cameras": [cam.model_copy(update={"enabled": True, "realtime": False})],
-        "sinks": SinksConfig(jsonl=JsonlSinkConfig(), stdout=StdoutSinkConfig(enabled=False),
-                             mqtt=MqttSinkConfig(enabled=False)),
-        "state": StateConfig(dir=state_dir),
-        "metrics": MetricsConfig(enabled=False),
-        "preview": PreviewConfig(enabled=False),
-    })
-
-
 def annotate(settings: Settings, camera_id: str | None, output: str | os.PathLike[str], *,
              max_frames: int | None = None, crf: int = 20, preset: str = "veryfast",
              progress_stream: TextIO | None = None, stop: threading.Event | None = None) -> AnnotateResult:
     """Run the job; returns its result (``exit_code`` 0 when every frame was written).
 
     ``stop`` (optional) interrupts it: the frames so far are kept as a valid, shorter video.
-    Raises :class:`AnnotateError` for problems found before the run starts.
+    Raises :class:`JobError` for problems found before the run starts.
     """
     from daemon.app import App
 
     started = time.monotonic()
     output = Path(output)
     if output.suffix.lower() not in (".mp4", ".m4v"):
-        raise AnnotateError(f"--output must be an .mp4 file, got {output}", 2)
+        raise JobError(f"--output must be an .mp4 file, got {output}", 2)
     if max_frames is not None and max_frames < 1:
-        raise AnnotateError(f"--max-frames must be at least 1, got {max_frames}", 2)
+        raise JobError(f"--max-frames must be at least 1, got {max_frames}", 2)
     with tempfile.TemporaryDirectory(prefix="regionwatch-annotate-") as state_dir:
-        s = job_settings(settings, camera_id, state_dir)
+        s = file_camera_settings(settings, camera_id, state_dir, job="annotate")
         cam = s.cameras[0]
         path = cam.url.removeprefix("file://")
         try:
             info = VideoInfo.probe(path)
         except (av.FFmpegError, IndexError) as e:
-            raise AnnotateError(f"cannot read video {path}: {e}") from None
+            raise JobError(f"cannot read video {path}: {e}") from None
         total = min(info.frames, max_frames) if max_frames is not None and info.frames else (max_frames or info.frames)
         output.parent.mkdir(parents=True, exist_ok=True)
         partial = output.with_name(output.name + ".part")
@@ -386,7 +321,7 @@ def run_command(settings: Settings, args) -> int:
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = annotate(settings, args.camera, args.output, max_frames=args.max_frames, crf=args.crf, stop=stop)
-    except AnnotateError as e:
+    except JobError as e:
         print(f"annotate: {e}", file=sys.stderr)
         return e.code
     except Exception as e:  # model loading, encoder failure: one readable line

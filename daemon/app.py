@@ -2,8 +2,8 @@
 
 source → frame buffer → detector → tracker → region logic → events → sinks
 
-Each camera gets a source thread and a pipeline thread; the detector (and the SAM2 model) are
-shared between cameras. When every camera is a file, :meth:`App.run` returns once all of them
+Each camera gets a source thread and a pipeline thread (:class:`daemon.pipeline.CameraPipeline`);
+the detector (and the SAM2 model) are shared between cameras. When every camera is a file, :meth:`App.run` returns once all of them
 have been processed; otherwise it runs until :meth:`App.request_stop` (SIGINT/SIGTERM).
 """
 
@@ -12,31 +12,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from daemon import __version__
 from daemon.config import CameraConfig, Settings
 from daemon.detector import PersonDetector
-from daemon.draw import MaskMemory, encode_jpeg, render_snapshot
 from daemon.events import Event, EventFactory, RegionTransition
-from daemon.framebuffer import FrameBuffer
 from daemon.ops.metrics import Metrics
 from daemon.ops.preview import attach_preview
 from daemon.ops.runtime import Ops
-from daemon.records import Frame, TrackUpdate
-from daemon.refine import EntryRefiner
-from daemon.regions import RegionLogic
+from daemon.pipeline import CameraPipeline
 from daemon.sinks.base import Sink
 from daemon.sinks.jsonl import JsonlSink
 from daemon.sinks.stdout import StdoutSink
-from daemon.sources import SourceState, open_source
+from daemon.sources import SourceState
 from daemon.state import SeqStore
 
 log = logging.getLogger(__name__)
-
-Observer = Callable[[Frame, "TrackUpdate | None", "list[RegionTransition]"], None]
-"""Called by a pipeline for every processed frame: (frame, tracker update or None, transitions)."""
 
 
 def build_tracker(settings: Settings, camera: CameraConfig, shared: dict):
@@ -45,7 +37,7 @@ def build_tracker(settings: Settings, camera: CameraConfig, shared: dict):
     if t.backend == "bytetrack":
         from daemon.tracking.bytetrack import ByteTrackTracker
 
-        return ByteTrackTracker(t.bytetrack, lost_after_s=t.lost_after_s, interval_s=settings.detector.interval_s)
+        return ByteTrackTracker(t.bytetrack)
     from daemon.tracking.sam2 import Sam2Tracker, load_sam2_model
 
     if "sam2" not in shared:
@@ -70,166 +62,8 @@ def build_sinks(settings: Settings, metrics: Metrics) -> list[Sink]:
     return sinks
 
 
-class CameraPipeline:
-    """Runs detector → tracker → region logic for one camera's frames, in its own thread."""
-
-    def __init__(self, app: App, cam: CameraConfig, tracker):
-        self.app, self.cam, self.tracker = app, cam, tracker
-        m = app.metrics
-        self.buffer = FrameBuffer.for_camera(cam, on_skip=lambda reason, n: m.frames_skipped.labels(cam.id, reason).inc(n))
-        self.regions = RegionLogic(
-            cam.id,
-            cam.regions,
-            debounce_s=app.settings.events.debounce_s,
-            mask_polygon=app.settings.tracker.backend == "sam2" and app.settings.tracker.sam2.mask_polygon,
-        )
-        # [refine]: entries moved back to the first buffered frame with the person inside.
-        self.refiner = EntryRefiner.for_camera(
-            app.settings.refine, cam.id, self.buffer, self.regions.zones, app.detector,
-            on_budget_exceeded=lambda: m.refine_budget_exceeded.labels(cam.id).inc(),
-        )
-        self.source = open_source(
-            cam,
-            self.buffer,
-            on_frame=self._on_decoded,
-            on_state=lambda state: app.stream_state_changed(cam.id, state),
-            on_reconnect=lambda n: m.reconnects.labels(cam.id).inc(),
-        )
-        self.frames = 0
-        self.last_frame: Frame | None = None
-        # Observers (annotate, preview) see every processed frame; they must be quick and never draw
-        # on frame.image. One that raises is logged and detached.
-        self.observers: list[Observer] = []
-        self._masks = MaskMemory(keep_s=app.settings.events.debounce_s + 2.0)  # entry-snapshot masks
-        self._next_detection_pts = float("-inf")
-        self._tracks: set[int] = set()
-        self._thread = threading.Thread(target=self._run, name=f"pipeline-{cam.id}", daemon=True)
-        self.done = threading.Event()
-
-    def _on_decoded(self, frame: Frame, decode_s: float) -> None:
-        self.app.metrics.frames_decoded.labels(self.cam.id).inc()
-        self.app.metrics.decode_seconds.labels(self.cam.id).observe(decode_s)
-
-    def start(self) -> None:
-        self._thread.start()
-        self.source.start()
-
-    def stop(self) -> None:
-        """Ask the source to stop (without waiting); the pipeline then drains and finishes."""
-        self.source.stop(timeout=0)
-
-    MAX_CONSECUTIVE_ERRORS = 25
-
-    def _run(self) -> None:
-        cam, m = self.cam.id, self.app.metrics
-        errors = 0
-        try:
-            while not self.app.stopping.is_set():
-                frame = self.buffer.get(timeout=0.5)
-                if frame is None:
-                    if self.buffer.closed:
-                        break
-                    continue
-                try:
-                    self._process(frame)
-                    errors = 0
-                except Exception:
-                    # One bad frame (e.g. CUDA out of memory) must not end the camera; a pipeline that
-                    # keeps failing stops the daemon (exit 1) so systemd restarts it.
-                    errors += 1
-                    m.frames_skipped.labels(cam, "pipeline_error").inc()
-                    log.exception("camera %s: frame %d failed (%d in a row)", cam, frame.index, errors)
-                    if errors >= self.MAX_CONSECUTIVE_ERRORS:
-                        raise
-            update = self.tracker.finish(self.last_frame)
-            self._emit_all(self.refiner.process(self.regions.update(update) if update else []))
-            self._emit_all(self.refiner.process(self.regions.finish()))
-            self._publish_occupancy()
-        except Exception:
-            log.exception("camera %s: pipeline failed", cam)
-            self.app.pipeline_failed(cam)
-            try:  # exits for whoever was inside, so consumers' occupancy returns to zero
-                self._emit_all(self.regions.finish())
-                self._publish_occupancy()
-            except Exception:
-                log.exception("camera %s: final exit events failed", cam)
-        finally:
-            m.people_tracked.labels(cam).set(0)
-            self.done.set()
-
-    def _process(self, frame: Frame) -> None:
-        cam, m = self.cam.id, self.app.metrics
-        self.last_frame = frame
-        self.frames += 1
-        m.frames_processed.labels(cam).inc()
-        n, nbytes = self.buffer.stats()
-        m.frames_buffered.labels(cam).set(n)
-        m.buffer_bytes.labels(cam).set(nbytes)
-
-        detections = None
-        if frame.pts_s + 1e-6 >= self._next_detection_pts:
-            t0 = time.perf_counter()
-            detections = self.app.detector(frame.image)
-            elapsed = time.perf_counter() - t0
-            m.detector_seconds.labels(cam).observe(elapsed)
-            self.refiner.detector_ran(frame.index, elapsed)
-            m.detector_runs.labels(cam).inc()
-            m.detections.labels(cam).inc(len(detections))
-            self._next_detection_pts = frame.pts_s + self.app.settings.detector.interval_s
-
-        t0 = time.perf_counter()
-        update = self.tracker.update(frame, detections)
-        if update is None:
-            self._notify(frame, None, [])
-            return
-        m.tracker_seconds.labels(cam).observe(time.perf_counter() - t0)
-        m.people_tracked.labels(cam).set(self.tracker.active)
-        new = {p.track_id for p in update.people} - self._tracks
-        m.tracks_started.labels(cam).inc(len(new))
-        m.tracks_ended.labels(cam).inc(len(update.ended))
-        self._tracks = (self._tracks | new) - set(update.ended)
-        self._masks.add(update)
-        self.refiner.observe(update)
-        transitions = self.refiner.process(self.regions.update(update))
-        if transitions:
-            self._emit_all(transitions)
-            self._publish_occupancy()
-        self._notify(frame, update, transitions)
-
-    def _notify(self, frame: Frame, update: TrackUpdate | None, transitions: list[RegionTransition]) -> None:
-        for observer in list(self.observers):
-            try:
-                observer(frame, update, transitions)
-            except Exception:
-                log.exception("camera %s: frame observer %r failed; detached", self.cam.id, observer)
-                self.observers.remove(observer)
-
-    def _emit_all(self, transitions: list[RegionTransition]) -> None:
-        for t in transitions:
-            self.app.emit(t, self._snapshot(t))
-
-    def _snapshot(self, t: RegionTransition) -> bytes | None:
-        if t.type != "entry":
-            return None
-        frame = self.buffer.find(t.frame)
-        if frame is None and self.buffer.flush(1.0):  # the JPEG encoder thread may lag a little
-            frame = self.buffer.find(t.frame)
-        if frame is None:
-            return None
-        try:  # the entry frame with that person's box (and mask) drawn
-            image = render_snapshot(frame.decode(), t, self.cam.regions, mask=self._masks.get(t.frame, t.track_id))
-            return encode_jpeg(image, self.cam.jpeg_quality)
-        except Exception:
-            log.exception("camera %s: drawing the entry snapshot failed; sending the plain frame", self.cam.id)
-            return frame.jpeg
-
-    def _publish_occupancy(self) -> None:
-        for region, count in self.regions.occupancy().items():
-            self.app.occupancy_changed(self.cam.id, region, count)
-
-
 class App:
-    """Builds every stage from :class:`Settings` and runs them."""
+    """Builds every stage from :class:`Settings` and runs them; the pipelines' :class:`~daemon.pipeline.PipelineOutput`."""
 
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None):
         self.settings = settings
@@ -262,7 +96,11 @@ class App:
         self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync)
         self._events = EventFactory(self._seq)
         self.sinks = build_sinks(s, self.metrics)
-        self.pipelines = [CameraPipeline(self, c, t) for c, t in zip(cams, trackers)]
+        self.pipelines = [
+            CameraPipeline(c, s, detector=self.detector, tracker=t, output=self, metrics=self.metrics.camera(c.id),
+                           stopping=self.stopping)
+            for c, t in zip(cams, trackers)
+        ]
         self.preview = attach_preview(s.preview, self.ops.server, self.pipelines)  # [preview], off by default
         self.metrics.build.info(
             {
@@ -295,7 +133,7 @@ class App:
             while not self.stopping.is_set():
                 self.ops.tick()  # heartbeat, WATCHDOG=1, STATUS=
                 for p in self.pipelines:
-                    self.metrics.stream_fps.labels(p.cam.id).set(p.source.fps)
+                    p.metrics.stream_fps.set(p.source.fps)
                 if self.all_files and all(p.done.is_set() for p in self.pipelines):
                     self.ops.finished()
                     break

@@ -1,4 +1,4 @@
-"""Command line: ``regionwatch run | annotate | check-config | schema | version``.
+"""Command line: ``regionwatch run | annotate | evaluate | check-config | schema | version``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. a model cannot be loaded), 2 invalid
 configuration or usage.
@@ -107,6 +107,26 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return run_command(settings, args)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    settings = _load_or_exit(args.config)
+    setup_logging(args.log_level or "WARNING", settings.logging.format)
+    from daemon.evaluate import GroundTruthError, MotTable, evaluate
+    from daemon.jobs import JobError
+
+    try:
+        gt = MotTable.load(args.ground_truth)
+        report = evaluate(settings, args.camera, args.ground_truth, tolerance_s=args.tolerance_s, gt=gt)
+    except (GroundTruthError, JobError) as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return getattr(e, "code", 2)
+    except Exception as e:  # model loading and the like: one readable line
+        log.debug("evaluate failed", exc_info=True)
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from daemon.events import json_schema
 
@@ -140,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="x264 quality: lower is better and bigger (default 20)")
     ann.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ann.set_defaults(func=cmd_annotate)
+
+    ev = sub.add_parser("evaluate", help="score tracking and region events of a file camera against MOT ground truth")
+    ev.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    ev.add_argument("--camera", help="camera id (may be left out when the config has one camera)")
+    ev.add_argument("--ground-truth", "-g", required=True, metavar="GT.txt",
+                    help="MOTChallenge boxes: frame,id,left,top,width,height[,flag,...], 1-based frames")
+    ev.add_argument("--tolerance-s", type=float, default=1.0, metavar="S",
+                    help="an event matches a true one at most this far away in time (default 1.0)")
+    ev.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ev.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ev.set_defaults(func=cmd_evaluate)
     return p
 
 

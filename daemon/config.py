@@ -50,10 +50,12 @@ class Section(BaseModel):
 
 
 class DetectorConfig(Section):
-    """[detector]: the YOLO person detector, run every ``interval_s`` of stream time."""
+    """[detector]: the YOLO person detector, run every ``interval_s`` of stream time to find new
+    people, every ``tracking_interval_s`` while anyone is tracked (see :mod:`daemon.pipeline`)."""
 
     model: str = Field(min_length=1)
     interval_s: float = Field(0.5, ge=0, le=3600)
+    tracking_interval_s: float = Field(0.3, ge=0, le=3600)
     confidence: float = Field(0.35, gt=0, lt=1)
     iou: float = Field(0.7, gt=0, le=1)
     imgsz: int = Field(640, ge=32, le=4096)

@@ -19,3 +19,41 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = iw * ih
     union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def assign(cost: np.ndarray, limit: float) -> list[tuple[int, int]]:
+    """Minimum-cost one-to-one pairs (row, col) of a cost matrix, leaving out pairs above ``limit``.
+
+    Example:
+        >>> assign(np.array([[0.1, 0.9], [0.2, 0.3]]), limit=0.5)
+        [(0, 0), (1, 1)]
+        >>> assign(np.zeros((0, 3)), limit=0.5)
+        []
+    """
+    import lap
+
+    cost = np.asarray(cost, np.float64)
+    if cost.size == 0:
+        return []
+    _, x, _ = lap.lapjv(cost, extend_cost=True, cost_limit=limit)
+    return [(int(i), int(j)) for i, j in enumerate(x) if j >= 0]
+
+
+def on_border(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N,4) True for each side of each box that lies on the frame border (see :func:`border_margin`)."""
+    w, h = size
+    mx, my = border_margin(w), border_margin(h)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.column_stack([b[:, 0] <= mx, b[:, 1] <= my, b[:, 2] >= w - mx, b[:, 3] >= h - my]).any(axis=1)
+
+
+def border_margin(extent: float) -> float:
+    """How close (px) to the frame border a box side counts as cut off by it.
+
+    Detectors stop a few pixels short of the border for a person walking out of view.
+
+    Example:
+        >>> border_margin(432), border_margin(1080)
+        (6.48, 16.2)
+    """
+    return max(2.0, round(0.015 * extent, 2))

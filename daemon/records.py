@@ -59,12 +59,16 @@ class TrackedPerson:
     """One person as the tracker sees them on one frame.
 
     ``mask`` (HxW bool, SAM2 only) is the person's segmentation at frame resolution.
+    ``confirmed`` is False while a new track waits for the detector to see them a second time:
+    region logic follows them but holds their entries back until then (a false detection that
+    the follower kept alive for a moment must not become an event).
     """
 
     track_id: int
     bbox: np.ndarray
     score: float
     mask: np.ndarray | None = None
+    confirmed: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,7 +235,7 @@ class RegionLogic:
                 st = self._state.setdefault((person.track_id, zone.id), _Presence())
                 seen = _Sighting.of(frame, person, anchor)
                 st.last = seen
-                out.extend(self._observe(zone.id, person.track_id, st, bool(now_inside), seen))
+                out.extend(self._observe(zone.id, person, st, bool(now_inside), seen))
         for track_id in update.ended:
             out.extend(self._end_track(track_id))
         return out
@@ -247,17 +247,19 @@ class RegionLogic:
             out.extend(self._end_track(track_id))
         return out
 
-    def _observe(self, zone_id: str, track_id: int, st: _Presence, now_inside: bool, seen: _Sighting):
+    def _observe(self, zone_id: str, person: TrackedPerson, st: _Presence, now_inside: bool, seen: _Sighting):
         if now_inside == st.inside:
             st.candidate = st.candidate_since = None
             return []
         if st.candidate is not now_inside:
             st.candidate, st.candidate_since = now_inside, seen
         since = st.candidate_since
-        if seen.pts_s - since.pts_s + 1e-9 < self.debounce_s:
+        if seen.pts_s - since.pts_s + 1e-9 < self.debounce_s or not person.confirmed:
+            # Not yet: debounce, or a new track the detector has not confirmed. The candidate
+            # keeps its first frame, so the entry still reports when it began.
             return []
         st.candidate = st.candidate_since = None
-        return [self._commit(zone_id, track_id, st, now_inside, since, "left_region")]
+        return [self._commit(zone_id, person.track_id, st, now_inside, since, "left_region")]
 
     def _commit(self, zone_id, track_id, st: _Presence, inside: bool, at: _Sighting, reason) -> RegionTransition:
         st.inside = inside

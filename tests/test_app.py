@@ -121,7 +121,7 @@ def test_sigterm_stops_cleanly_and_flushes(tmp_path, footage, yolo_model, region
     events = [json.loads(line) for line in jsonl.read_text().splitlines()]
     # The visitor inside when we stopped gets their exit, so consumers' occupancy ends at zero.
     assert [e["type"] for e in events] == ["entry", "exit"]
-    assert events[1]["reason"] == "track_lost"
+    assert events[1]["reason"] == "track_lost", [(e["type"], e["frame"], e.get("reason"), e["anchor"]) for e in events]
 
 
 def test_bad_model_fails_before_anything_starts(tmp_path, footage, regionwatch_bin):

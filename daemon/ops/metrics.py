@@ -8,6 +8,9 @@ Example:
     >>> m.frames_decoded.labels(camera="hall").inc()
     >>> b"regionwatch_frames_decoded_total" in m.exposition()
     True
+    >>> hall = m.camera("hall")  # the same series, looked up once per camera
+    >>> hall.frames_decoded.inc(); m.frames_decoded.labels("hall")._value.get()
+    2.0
 """
 
 from __future__ import annotations
@@ -86,6 +89,37 @@ class Metrics:
         self.ready = Gauge(f"{NS}_ready", "1 when models are loaded and a camera streams.", registry=r)
         self.build = Info(f"{NS}_build", "Version, tracker backend and model names.", registry=r)
 
+    def camera(self, camera: str) -> CameraMetrics:
+        """The series of one camera, bound once (the per-frame path does no label lookups)."""
+        return CameraMetrics(self, camera)
+
     def exposition(self) -> bytes:
         """The text exposition format, as served on /metrics."""
         return generate_latest(self.registry)
+
+
+class CameraMetrics:
+    """One camera's series of :class:`Metrics`, with the labels already applied."""
+
+    def __init__(self, m: Metrics, camera: str):
+        self.camera = camera
+        self._m = m
+        self.frames_decoded = m.frames_decoded.labels(camera)
+        self.decode_seconds = m.decode_seconds.labels(camera)
+        self.frames_processed = m.frames_processed.labels(camera)
+        self.frames_buffered = m.frames_buffered.labels(camera)
+        self.buffer_bytes = m.buffer_bytes.labels(camera)
+        self.reconnects = m.reconnects.labels(camera)
+        self.stream_fps = m.stream_fps.labels(camera)
+        self.detector_runs = m.detector_runs.labels(camera)
+        self.detector_seconds = m.detector_seconds.labels(camera)
+        self.detections = m.detections.labels(camera)
+        self.tracker_seconds = m.tracker_seconds.labels(camera)
+        self.people_tracked = m.people_tracked.labels(camera)
+        self.tracks_started = m.tracks_started.labels(camera)
+        self.tracks_ended = m.tracks_ended.labels(camera)
+        self.refine_budget_exceeded = m.refine_budget_exceeded.labels(camera)
+
+    def skipped(self, reason: str, n: int = 1) -> None:
+        """Frames not processed, by reason (``consumer_behind``, ``pipeline_error``)."""
+        self._m.frames_skipped.labels(self.camera, reason).inc(n)

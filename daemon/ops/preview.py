@@ -239,7 +239,7 @@ def _is_loopback(host: str) -> bool:
 def attach_preview(config: PreviewConfig, server: OpsServer | None, pipelines: Sequence) -> Preview | None:
     """Mount the preview on ``server`` and observe every pipeline, when ``[preview] enabled``.
 
-    ``pipelines`` are :class:`daemon.app.CameraPipeline` objects (``cam`` and ``observers``).
+    ``pipelines`` are :class:`daemon.pipeline.CameraPipeline` objects (``cam`` and ``observers``).
     Returns None when the preview is off or there is no listener (``[metrics] enabled = false``).
     """
     if not config.enabled:

@@ -1,87 +1,243 @@
-"""ByteTrack fallback tracker (ultralytics' own implementation), for CPU-only boxes.
+"""The CPU tracker: ByteTrack association on detector frames, median-flow following in between.
 
-It associates detector boxes between detector runs; positions only update on frames where the
-detector ran. A track that goes unseen for ``lost_after_s`` of stream time ends.
+The detector runs every few frames; people walk further than their own width between runs, so
+associating detections with where people *were* (or with a constant-velocity guess) fails when
+they turn, stop or cross. This tracker moves every person's box on every frame by the image motion
+inside it (:class:`~daemon.tracking.follow.MedianFlow`), so region logic sees every frame and the
+next detector run is associated with where people are *now*:
 
-Example:
+1. Each frame: follow every live track. A track the follower loses (occlusion, the person left the
+   frame) is not reported on that frame and asks for a detector run (:attr:`wants_detection`).
+2. Detector frames, ByteTrack's two stages: confident detections are matched to every track by
+   IoU (score-fused, ``match_thresh``), then low-confidence detections (between
+   ``track_low_thresh`` and ``track_high_thresh``) to the tracks still unmatched, at IoU ≥ 0.5. A
+   matched track takes the detector's box.
+3. A confident detection that matches nothing starts a *tentative* track (reported with
+   ``confirmed=False``) unless it covers someone already tracked (one box around two people who
+   cross); the next detector run that sees it again confirms it, one that misses it drops it
+   silently. A confirmed track missed by one detector run is hidden (still followed, not
+   reported); missed by two, or lost by the follower and then missed, it ends.
+
+Tracks end fast on purpose: whether a new track is in fact a person seen before (after a crossing,
+an occlusion) is decided in one place after every tracker, by
+:class:`~daemon.tracking.identity.IdentityKeeper`, which also holds ends back for ``lost_after_s``.
+
+Example: one person walking right 4 px per frame; the detector runs on frames 0, 5 and 10.
     >>> import numpy as np
     >>> from daemon.records import Detections, Frame
-    >>> t = ByteTrackTracker(lost_after_s=1.0, interval_s=0.5)
-    >>> f = Frame("hall", 0, 0.0, 0.0, np.zeros((100, 100, 3), np.uint8))
-    >>> u = t.update(f, Detections(np.array([[10, 10, 30, 60]], np.float32), np.array([0.9], np.float32)))
-    >>> [p.track_id for p in u.people]
-    [1]
+    >>> rng = np.random.default_rng(0)
+    >>> person = (rng.random((80, 30, 3)) * 255).astype(np.uint8)
+    >>> def frame(i):
+    ...     img = np.full((200, 300, 3), 100, np.uint8)
+    ...     img[60:140, 20 + 4 * i:50 + 4 * i] = person
+    ...     return Frame("hall", i, i / 10, i / 10, img)
+    >>> def seen(i):
+    ...     return Detections(np.array([[20 + 4 * i, 60, 50 + 4 * i, 140]], np.float32), np.array([0.9], np.float32))
+    >>> t = ByteTrackTracker()
+    >>> out = [t.update(frame(i), seen(i) if i % 5 == 0 else None) for i in range(11)]
+    >>> [(u.people[0].track_id, u.people[0].confirmed) for u in out if u.people][:6:5]
+    [(1, False), (1, True)]
+    >>> out[3].people[0].bbox.round().tolist()  # followed, not detected, on frame 3
+    [32.0, 60.0, 62.0, 140.0]
 """
 
 from __future__ import annotations
 
-import math
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from daemon._ultralytics import ultralytics_offline
 from daemon.config import ByteTrackConfig
+from daemon.geometry import assign, box_iou, on_border
 from daemon.records import Detections, Frame, TrackedPerson, TrackUpdate
+from daemon.tracking.follow import MedianFlow
+
+
+@dataclass(slots=True)
+class _Track:
+    id: int
+    box: np.ndarray
+    det_box: np.ndarray
+    score: float
+    det_index: int  # frame of the last detector match
+    hits: int = 1
+    misses: int = 0
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(2))  # centre, px per frame
+    followed: bool = True  # the follower (or the detector) placed the box on the latest frame
+    lost_by_follower: bool = False
+
+    @property
+    def confirmed(self) -> bool:
+        return self.hits >= 2
+
+    @property
+    def visible(self) -> bool:
+        return self.followed and self.misses == 0
+
+
+def in_front(boxes: np.ndarray) -> list[np.ndarray]:
+    """For each (N,4) xyxy box, the indices of the boxes that overlap it and stand in front of it.
+
+    On a camera looking down at a floor, whoever's feet are lower in the image is nearer.
+
+    Example:
+        >>> [f.tolist() for f in in_front(np.array([[0, 0, 10, 30], [5, 5, 15, 40], [50, 0, 60, 30]]))]
+        [[1], [], []]
+    """
+    n = len(boxes)
+    if n < 2:
+        return [np.zeros(0, np.int64) for _ in range(n)]
+    ix = np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+    iy = np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+    nearer = (ix > 0) & (iy > 0) & (boxes[None, :, 3] > boxes[:, None, 3])
+    return [np.flatnonzero(row) for row in nearer]
+
+
+def covers(box: np.ndarray, boxes: np.ndarray, fraction: float = 0.6) -> np.ndarray:
+    """(M,) True where ``box`` covers at least ``fraction`` of each of ``boxes``' area.
+
+    Example:
+        >>> covers(np.array([0, 0, 20, 10]), np.array([[0, 0, 10, 10], [15, 0, 30, 10]])).tolist()
+        [True, False]
+    """
+    ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-9)
+    return ix * iy / area >= fraction
+
+
+def same_size(a: np.ndarray, b: np.ndarray, size: tuple[int, int], *, height: float = 1.33, area: float = 2.0) -> np.ndarray:
+    """(N,M) True where box a[i] and b[j] have about the same height and area.
+
+    When two people cross, the detector often returns one box around both: twice as wide as
+    either person. Matching it to one of them would drag that person's box onto the other.
+    Boxes cut off by the frame border (``size`` = width, height) grow and shrink as people walk
+    in and out of view, so they are not compared.
+
+    Example:
+        >>> same_size(np.array([[5, 20, 15, 50]]), np.array([[5, 20, 16, 48], [5, 20, 30, 50], [5, 35, 15, 50]]), (100, 100)).tolist()
+        [[True, False, False]]
+        >>> same_size(np.array([[5, 80, 15, 100]]), np.array([[5, 40, 15, 100]]), (100, 100)).tolist()
+        [[True]]
+    """
+    ha, hb = (a[:, 3] - a[:, 1])[:, None], (b[:, 3] - b[:, 1])[None, :]
+    aa = ha * (a[:, 2] - a[:, 0])[:, None]
+    ab = hb * (b[:, 2] - b[:, 0])[None, :]
+    similar = (hb <= ha * height) & (ha <= hb * height) & (ab <= aa * area) & (aa <= ab * area)
+    return similar | on_border(a, size)[:, None] | on_border(b, size)[None, :]
 
 
 class ByteTrackTracker:
-    """Wraps ``ultralytics.trackers.byte_tracker.BYTETracker`` with stream-time track ending."""
+    """Per-camera tracker implementing :class:`daemon.tracking.base.Tracker` (module doc)."""
 
-    def __init__(self, cfg: ByteTrackConfig | None = None, *, lost_after_s: float = 2.0, interval_s: float = 0.5):
-        ultralytics_offline()
-        from ultralytics.trackers.byte_tracker import BYTETracker
-
-        cfg = cfg or ByteTrackConfig()
-        # ByteTrack counts lost time in update calls; we call it once per detector run.
-        updates_per_lost = max(1, math.ceil(lost_after_s / max(interval_s, 1e-3)))
-        args = SimpleNamespace(
-            track_high_thresh=cfg.track_high_thresh,
-            track_low_thresh=cfg.track_low_thresh,
-            new_track_thresh=cfg.new_track_thresh,
-            track_buffer=updates_per_lost,
-            match_thresh=cfg.match_thresh,
-            fuse_score=cfg.fuse_score,
-        )
-        self._tracker = BYTETracker(args)
-        self.lost_after_s = lost_after_s
-        self._last_seen: dict[int, float] = {}
+    def __init__(self, cfg: ByteTrackConfig | None = None, *, follower: MedianFlow | None = None):
+        self.cfg = cfg or ByteTrackConfig()
+        self.follower = follower or MedianFlow()
+        self._tracks: list[_Track] = []
+        self._next_id = 1
+        self._last_index: int | None = None
 
     @property
     def active(self) -> int:
-        return len(self._last_seen)
+        return len(self._tracks)
 
-    def update(self, frame: Frame, detections: Detections | None) -> TrackUpdate | None:
-        if detections is None:
-            return None
-        from ultralytics.engine.results import Boxes
+    @property
+    def wants_detection(self) -> bool:
+        """True when the follower lost someone (or a new track waits for confirmation)."""
+        return any(t.lost_by_follower or not t.confirmed for t in self._tracks)
 
-        n = len(detections)
-        data = np.zeros((n, 6), np.float32)
-        data[:, :4] = detections.xyxy
-        data[:, 4] = detections.confidence
-        rows = self._tracker.update(Boxes(data, frame.image.shape[:2]), frame.image)
-        # Report the matched detector box (not the Kalman state, which lags fast walkers).
+    def update(self, frame: Frame, detections: Detections | None) -> TrackUpdate:
+        if self._last_index is not None and frame.index != self._last_index + 1:
+            self.follower.reset()  # frames were skipped: flow across the gap is unreliable
+        self._last_index = frame.index
+        self._follow(frame)
+        ended: list[int] = []
+        if detections is not None:
+            ended = self._associate(detections, frame.index, frame.size)
         people = tuple(
-            TrackedPerson(
-                track_id=int(r[4]),
-                bbox=detections.xyxy[int(r[7])].copy(),
-                score=float(detections.confidence[int(r[7])]),
-            )
-            for r in sorted(rows, key=lambda r: r[4])
+            TrackedPerson(t.id, t.box.astype(np.float32), t.score, confirmed=t.confirmed)
+            for t in self._tracks
+            if t.visible
         )
-        for p in people:
-            self._last_seen[p.track_id] = frame.pts_s
-        ended = tuple(
-            sorted(t for t, seen in self._last_seen.items() if frame.pts_s - seen > self.lost_after_s)
-        )
-        for t in ended:
-            del self._last_seen[t]
-        return TrackUpdate(frame, people, ended)
+        return TrackUpdate(frame, people, tuple(sorted(ended)))
 
     def finish(self, frame: Frame | None) -> TrackUpdate | None:
-        ended = tuple(sorted(self._last_seen))
-        self._last_seen.clear()
+        ended = tuple(sorted(t.id for t in self._tracks))
+        self._tracks.clear()
+        self.follower.reset()
         if frame is None or not ended:
             return None
         return TrackUpdate(frame, (), ended)
+
+    def _follow(self, frame: Frame) -> None:
+        boxes = np.array([t.box for t in self._tracks], np.float64).reshape(-1, 4)
+        front = in_front(boxes)
+        moved = self.follower.advance(frame.image, boxes, [boxes[f] for f in front])
+        h, w = frame.image.shape[:2]
+        for t, box, ok, f in zip(self._tracks, moved.boxes, moved.ok, front):
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            if ok and 0 <= cx < w and 0 <= cy < h:
+                t.box, t.followed = box, True
+            elif len(f):
+                # Hidden behind someone: keep walking at their pace, unreported, until the
+                # detector sees them again.
+                t.box = t.box + np.tile(t.velocity, 2)
+                t.followed = False
+            else:
+                t.followed = False  # gone from view, or the follower failed: the detector decides
+                t.lost_by_follower = True
+
+    def _associate(self, det: Detections, index: int, size: tuple[int, int]) -> list[int]:
+        cfg = self.cfg
+        boxes, scores = det.xyxy.astype(np.float64), det.confidence.astype(np.float64)
+        high = np.flatnonzero(scores >= cfg.track_high_thresh)
+        low = np.flatnonzero((scores >= cfg.track_low_thresh) & (scores < cfg.track_high_thresh))
+        tracks = self._tracks
+        matched_track: set[int] = set()
+        used_det: set[int] = set()
+
+        def match(track_idx: list[int], det_idx: np.ndarray, limit: float, fuse: bool) -> None:
+            if not track_idx or not len(det_idx):
+                return
+            tb = np.array([tracks[k].box for k in track_idx])
+            iou = box_iou(tb, boxes[det_idx]) * same_size(tb, boxes[det_idx], size)
+            sim = iou * scores[det_idx][None, :] if fuse else iou
+            for r, c in assign(1.0 - sim, limit):
+                if iou[r, c] <= 0:
+                    continue
+                t, d = tracks[track_idx[r]], int(det_idx[c])
+                frames = max(1, index - t.det_index)
+                v = ((boxes[d, :2] + boxes[d, 2:]) - (t.det_box[:2] + t.det_box[2:])) / 2 / frames
+                t.velocity = v if t.hits == 1 else 0.5 * t.velocity + 0.5 * v
+                t.box, t.det_box, t.det_index, t.score = boxes[d].copy(), boxes[d].copy(), index, float(scores[d])
+                t.hits += 1
+                t.misses = 0
+                t.followed, t.lost_by_follower = True, False
+                matched_track.add(track_idx[r])
+                used_det.add(d)
+
+        match(list(range(len(tracks))), high, cfg.match_thresh, cfg.fuse_score)
+        rest = [k for k in range(len(tracks)) if k not in matched_track and tracks[k].confirmed]
+        match(rest, low, 0.5, False)
+
+        ended: list[int] = []
+        keep: list[_Track] = []
+        for k, t in enumerate(tracks):
+            if k not in matched_track:
+                t.misses += 1
+                # Tentative: one miss drops it. Confirmed: a second miss, or a miss after the
+                # follower lost them, ends it (IdentityKeeper may join it to a later track).
+                if not t.confirmed or t.misses >= 2 or t.lost_by_follower:
+                    ended.append(t.id)
+                    continue
+            keep.append(t)
+        live = np.array([t.box for t in keep], np.float64).reshape(-1, 4)
+        for d in high:
+            if int(d) in used_det or scores[d] < cfg.new_track_thresh:
+                continue
+            if len(live) and covers(boxes[d], live).any():
+                continue  # a box around people already tracked (two walkers crossing) is nobody new
+            keep.append(_Track(self._next_id, boxes[d].copy(), boxes[d].copy(), float(scores[d]), index))
+            self._next_id += 1
+        self._tracks = keep
+        return ended

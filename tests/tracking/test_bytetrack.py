@@ -1,4 +1,4 @@
-"""The ByteTrack fallback: stable ids across detector runs, stream-time track ending."""
+"""The CPU tracker: ByteTrack association on detector frames, median-flow following in between."""
 
 from __future__ import annotations
 
@@ -6,42 +6,110 @@ import numpy as np
 
 from daemon.records import Detections, Frame
 from daemon.tracking.bytetrack import ByteTrackTracker
+from daemon.tracking.follow import FlowResult, MedianFlow
 
-IMG = np.zeros((432, 768, 3), np.uint8)
-
-
-def dets(*boxes, conf=0.9) -> Detections:
-    b = np.array(boxes, np.float32).reshape(-1, 4)
-    return Detections(b, np.full(len(b), conf, np.float32))
+H, W = 240, 480
+RNG = np.random.default_rng(3)
+PEOPLE = [(RNG.random((90, 30, 3)) * 255).astype(np.uint8) for _ in range(3)]
 
 
-def test_ids_stable_while_walking_and_ended_after_loss():
-    t = ByteTrackTracker(lost_after_s=1.0, interval_s=0.5)
-    ids = []
-    for k in range(6):  # two people walking slowly in opposite directions
-        f = Frame("c", k * 5, k * 0.5, 0.0, IMG)
-        u = t.update(f, dets([100 + 4 * k, 50, 160 + 4 * k, 300], [500 - 4 * k, 60, 560 - 4 * k, 310]))
-        ids.append(tuple(p.track_id for p in u.people))
-        assert u.ended == ()
-    assert len(set(ids[1:])) == 1 and len(ids[-1]) == 2
-    assert t.active == 2
-    # Between detector runs the tracker has nothing to say.
-    assert t.update(Frame("c", 31, 3.1, 0.0, IMG), None) is None
-    # Person 2 disappears; after lost_after_s of stream time their track ends.
-    ended = []
-    for k in range(6, 10):
-        u = t.update(Frame("c", k * 5, k * 0.5, 0.0, IMG), dets([100 + 4 * k, 50, 160 + 4 * k, 300]))
-        ended += u.ended
-    assert ended == [ids[-1][1]]
-    assert t.active == 1
-    last = Frame("c", 50, 5.0, 0.0, IMG)
-    assert t.finish(last).ended == (ids[-1][0],)
-    assert t.finish(last) is None
+def frame(index: int, *people: tuple[int, float, float]) -> Frame:
+    """People as (texture index, x, y) textured boxes of 30 x 90 px on a grey floor; later in front."""
+    img = np.full((H, W, 3), 120, np.uint8)
+    for k, x, y in people:
+        x, y = int(round(x)), int(round(y))
+        img[y:y + 90, max(x, 0):min(x + 30, W)] = PEOPLE[k][:, max(0, -x):min(30, W - x)]
+    return Frame("cam", index, index / 10, index / 10, img)
 
 
-def test_reports_detector_boxes_and_scores():
+def seen(*people: tuple[int, float, float], conf: float = 0.9) -> Detections:
+    boxes = np.array([[x, y, x + 30, y + 90] for _, x, y in people], np.float32).reshape(-1, 4)
+    return Detections(boxes, np.full(len(boxes), conf, np.float32))
+
+
+class Frozen(MedianFlow):
+    """A follower that never moves anything: the tracker as it was before following."""
+
+    def advance(self, image, boxes, in_front=None):
+        super().advance(image, boxes, in_front)
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        return FlowResult(boxes.copy(), np.ones(len(boxes), bool), np.ones(len(boxes)))
+
+
+def walk(tracker, *, speed: float = 7.0, every: int = 5, frames: int = 31):
+    """One person walking right ``speed`` px per frame; the detector runs every ``every`` frames."""
+    out = []
+    for i in range(frames):
+        who = (0, 20 + speed * i, 80)
+        out.append(tracker.update(frame(i, who), seen(who) if i % every == 0 else None))
+    return out
+
+
+def test_one_id_for_a_walker_who_moves_more_than_their_width_between_detections():
+    updates = walk(ByteTrackTracker())  # 35 px between detector runs; the box is 30 px wide
+    ids = {p.track_id for u in updates for p in u.people}
+    assert ids == {1}
+    # Reported on every frame, where the person is (not where the detector last saw them).
+    assert all(len(u.people) == 1 for u in updates)
+    assert abs(updates[23].people[0].bbox[0] - (20 + 7 * 23)) < 2.0
+    assert all(not u.ended for u in updates)
+
+
+def test_without_following_the_same_walker_is_broken_into_new_tracks():
+    """The check above can fail: a tracker that does not follow loses the walker at every run."""
+    updates = walk(ByteTrackTracker(follower=Frozen()))
+    assert len({p.track_id for u in updates for p in u.people}) > 1
+
+
+def test_a_new_track_is_tentative_until_the_detector_sees_it_again():
     t = ByteTrackTracker()
-    box = [10, 20, 60, 220]
-    u = t.update(Frame("c", 0, 0.0, 0.0, IMG), dets(box, conf=0.77))
-    assert np.allclose(u.people[0].bbox, box)
-    assert abs(u.people[0].score - 0.77) < 1e-6
+    who = (0, 100, 80)
+    first = t.update(frame(0, who), seen(who))
+    assert [(p.track_id, p.confirmed) for p in first.people] == [(1, False)]
+    assert t.wants_detection  # confirm soon
+    second = t.update(frame(1, who), seen(who))
+    assert [(p.track_id, p.confirmed) for p in second.people] == [(1, True)]
+    assert not t.wants_detection
+
+
+def test_a_one_off_detection_is_dropped_silently():
+    t = ByteTrackTracker()
+    ghost = (1, 300, 60)
+    t.update(frame(0, ghost), seen(ghost, conf=0.5))
+    u = t.update(frame(1), seen())  # the detector does not see it again
+    assert u.people == () and u.ended == (1,)
+    assert t.active == 0
+
+
+def test_a_confirmed_track_ends_after_two_missed_detector_runs():
+    t = ByteTrackTracker()
+    who = (0, 100, 80)
+    for i in range(2):
+        t.update(frame(i, who), seen(who))
+    hidden = t.update(frame(2, who), seen())  # missed once: still there, not reported
+    assert hidden.people == () and hidden.ended == ()
+    gone = t.update(frame(3, who), seen())
+    assert gone.ended == (1,)
+
+
+def test_a_box_around_two_people_does_not_take_either_identity():
+    """Crossing walkers: the detector returns one wide box around both for a moment."""
+    t = ByteTrackTracker()
+    a, b = (0, 100, 80), (1, 150, 80)
+    for i in range(2):
+        t.update(frame(i, a, b), seen(a, b))
+    both = Detections(np.array([[100, 80, 180, 170]], np.float32), np.array([0.9], np.float32))
+    u = t.update(frame(2, a, b), both)
+    assert u.people == () and u.ended == ()  # neither is given the box; nobody new starts from it
+    u = t.update(frame(3, a, b), seen(a, b))
+    assert sorted(p.track_id for p in u.people) == [1, 2]
+    assert {tuple(np.round(p.bbox).astype(int)) for p in u.people} == {(100, 80, 130, 170), (150, 80, 180, 170)}
+
+
+def test_finish_ends_every_track():
+    t = ByteTrackTracker()
+    who = (0, 100, 80)
+    t.update(frame(0, who), seen(who))
+    last = frame(1, who)
+    assert t.finish(last).ended == (1,)
+    assert t.finish(last) is None
