@@ -41,6 +41,7 @@ import av
 import numpy as np
 
 from daemon.config import (
+    FleetConfig,
     JsonlSinkConfig,
     MetricsConfig,
     MqttSinkConfig,
@@ -307,6 +308,7 @@ def job_settings(settings: Settings, camera_id: str | None, state_dir: str) -> S
         "state": StateConfig(dir=state_dir),
         "metrics": MetricsConfig(enabled=False),
         "preview": PreviewConfig(enabled=False),
+        "fleet": FleetConfig(),  # any camera of the config, whichever replica runs it
     })
 
 
