@@ -30,8 +30,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import av
 import pytest
+from helpers.video import cut_clip
 
 from daemon.config import CameraConfig, MqttSinkConfig, StateConfig
 from daemon.fleet import Shard, assign
@@ -47,25 +47,6 @@ SHARDS = 3
 KILLED = 1  # the shard that is killed and restarted
 PREFIX = "regionwatch"
 CLIP_FRAMES = (55, 125)  # the visitor's feet cross into the region at frame 72 of the footage
-
-
-def cut_clip(src: Path, dst: Path, start: int, stop: int) -> None:
-    """Frames [start, stop) of ``src`` as a new H.264 file (PyAV; timestamps from 0)."""
-    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
-        vin = inp.streams.video[0]
-        vout = out.add_stream("libx264", rate=vin.average_rate)
-        vout.width, vout.height, vout.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
-        vout.options = {"preset": "ultrafast", "crf": "18"}
-        for i, frame in enumerate(inp.decode(vin)):
-            if i >= stop:
-                break
-            if i >= start:
-                frame = frame.reformat(format="yuv420p")
-                frame.pts, frame.time_base = i - start, 1 / vin.average_rate  # from 0, one tick a frame
-                for packet in vout.encode(frame):
-                    out.mux(packet)
-        for packet in vout.encode():
-            out.mux(packet)
 
 
 def fleet_config(tmp: Path, clip: Path, model: Path, broker_port: int, realtime: set[str]) -> Path:
@@ -131,7 +112,7 @@ def test_local_fleet_delivers_every_camera_once_and_a_killed_replica_its_outbox(
         tmp_path, footage, yolo_model, regionwatch_bin, mosquitto, collector):
     t0 = time.monotonic()
     clip = tmp_path / "clip.mp4"
-    cut_clip(footage, clip, *CLIP_FRAMES)
+    cut_clip(footage, clip, CLIP_FRAMES[1], start=CLIP_FRAMES[0], crf=18)
     broker = mosquitto()
     col = collector(broker, f"{PREFIX}/#")
     owners = assign(CAMERAS, SHARDS)
