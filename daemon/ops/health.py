@@ -3,7 +3,8 @@
 The app tells a :class:`Health` what happens (models loaded, the main loop turned) and gives it
 a provider of per-camera stream states; the HTTP listener asks it. ``healthz`` answers "is the
 process alive and its main loop turning?" (restart me if not); ``readyz`` answers "are the models
-loaded and is at least one camera streaming?" (do not count on my output yet if not).
+loaded and is at least one camera streaming?" (do not count on my output yet if not); a fleet
+replica whose shard has no camera is ready once loaded.
 
 Example:
     >>> h = Health(heartbeat_timeout_s=30)

@@ -33,10 +33,12 @@ from pathlib import Path
 import pytest
 from helpers.video import cut_clip
 
-from daemon.config import CameraConfig, MqttSinkConfig, StateConfig
-from daemon.fleet import Shard, assign
+from daemon.config import CameraConfig, FleetConfig, MqttSinkConfig, StateConfig, load_settings
+from daemon.events import EventFactory, RegionTransition
+from daemon.fleet import FleetPlan, Shard, assign, owner
 from daemon.ops.metrics import Metrics
 from daemon.sinks.mqtt import MqttSink
+from daemon.state import SeqStore
 
 from .conftest import free_port, wait_until
 
@@ -227,3 +229,56 @@ def test_sink_of_a_shard_uses_its_own_client_id_status_topic_and_discovery_avail
     # Entity ids come from the fleet-wide client id: a camera keeps its entities when it moves.
     assert {d["unique_id"] for d in discovery} == {"rw_hall_table_occupied", "rw_hall_table_count"}
     assert not col.on("site/status")
+
+
+def test_growing_the_fleet_old_replica_still_delivers_a_moved_cameras_outbox(tmp_path, mosquitto, collector):
+    """N=2 -> 3 with the broker down before the resize: shard 0 still delivers the events it stored
+    for a camera that shard 2 now runs, and forgets that camera's numbering (README, "When a
+    camera moves to another replica")."""
+    ids = ["yard", "hall", "door", "dock", "gate", "lobby", "parking-east", "cam-17"]
+    stays = next(c for c in ids if owner(c, 2) == 0 and owner(c, 3) == 0)
+    moves = next(c for c in ids if owner(c, 2) == 0 and owner(c, 3) == 2)
+    (tmp_path / "m.onnx").write_bytes(b"")
+    (tmp_path / "v.mp4").write_bytes(b"")
+    cams = "".join(f'[[cameras]]\nid = "{c}"\nurl = "v.mp4"\n' for c in (stays, moves))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[detector]\nmodel = "m.onnx"\n[state]\ndir = "state"\n[fleet]\nshard = "0/2"\n{cams}')
+    settings = load_settings(cfg)
+    broker = mosquitto()
+    col = collector(broker, f"{PREFIX}/+/events")
+    mqtt = MqttSinkConfig(enabled=True, port=free_port(), client_id="rw", topic_prefix=PREFIX,  # unreachable
+                          reconnect_min_s=0.1, reconnect_max_s=0.5)
+
+    def transition(cam: str, n: int) -> RegionTransition:
+        return RegionTransition("entry", cam, "table", n, n, n / 10, time.time(), (1.0, 2.0, 3.0, 4.0),
+                                (2.0, 4.0), 0.9)
+
+    plan = FleetPlan.of(settings)
+    assert [c.id for c in plan.settings.cameras] == [stays, moves]
+    seq = SeqStore(plan.settings.state.dir)
+    sink = MqttSink(mqtt, plan.settings.state, Metrics(), plan.settings.cameras, shard=plan.shard)
+    produced = []
+    for n in range(2):
+        for cam in (stays, moves):
+            e = EventFactory(seq).make(transition(cam, n))
+            sink.publish(e)
+            produced.append((e.camera, e.seq, e.id))
+    sink.close(timeout=1)
+    seq.close()
+    assert not col.all()  # nothing got through: all four are in shard 0's outbox
+
+    settings.fleet = FleetConfig(shard="0/3")  # the fleet grows; shard 0 restarts
+    plan = FleetPlan.of(settings)
+    assert [c.id for c in plan.settings.cameras] == [stays] and moves in plan.others
+    seq = SeqStore(plan.settings.state.dir)
+    assert plan.release(seq) == [moves]
+    sink = MqttSink(mqtt.model_copy(update={"port": broker.port}), plan.settings.state, Metrics(),
+                    plan.settings.cameras, shard=plan.shard)
+    try:
+        assert col.wait_for(lambda c: len(c.all()) == 4, 15), broker.log_text()
+    finally:
+        sink.close()
+    got = sorted((e["camera"], e["seq"], e["id"]) for e in (json.loads(m.payload) for m in col.all()))
+    assert got == sorted(produced)  # the moved camera's stored events came from its old replica
+    assert seq.next(stays) == 3 and seq.next(moves) == 1  # were it to come back, it would start at 1
+    seq.close()
