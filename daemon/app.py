@@ -18,6 +18,7 @@ from daemon import __version__
 from daemon.config import CameraConfig, Settings
 from daemon.detector import PersonDetector
 from daemon.events import Event, EventFactory, RegionTransition
+from daemon.fleet import FleetPlan, Shard
 from daemon.ops.metrics import Metrics
 from daemon.ops.preview import attach_preview
 from daemon.ops.runtime import Ops
@@ -45,15 +46,15 @@ def build_tracker(settings: Settings, camera: CameraConfig, shared: dict):
     return Sam2Tracker(shared["sam2"], t.sam2, lost_after_s=t.lost_after_s, camera=camera.id)
 
 
-def build_sinks(settings: Settings, metrics: Metrics) -> list[Sink]:
-    """Every configured sink; all of them receive the same events."""
+def build_sinks(settings: Settings, metrics: Metrics, shard: Shard | None = None) -> list[Sink]:
+    """Every configured sink; all of them receive the same events (``shard``: see daemon/fleet.py)."""
     sinks: list[Sink] = []
     state_dir = Path(settings.state.dir)
     if settings.sinks.mqtt.enabled:
         # First: its durable outbox holds every event before any other sink shows it.
         from daemon.sinks.mqtt import MqttSink
 
-        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras))
+        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras, shard=shard))
     if settings.sinks.stdout.enabled:
         sinks.append(StdoutSink())
     if settings.sinks.jsonl.path:
@@ -66,7 +67,9 @@ class App:
     """Builds every stage from :class:`Settings` and runs them; the pipelines' :class:`~daemon.pipeline.PipelineOutput`."""
 
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None):
-        self.settings = settings
+        # [fleet] shard: from here on, settings are this replica's (its cameras, its state dir)
+        self.fleet = FleetPlan.of(settings)
+        self.settings = settings = self.fleet.settings
         self.metrics = metrics or Metrics()
         self.stopping = threading.Event()
         self.detector: PersonDetector | None = None
@@ -94,8 +97,9 @@ class App:
         cams = [c for c in s.cameras if c.enabled]
         trackers = [build_tracker(s, c, shared) for c in cams]
         self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync)
+        self.fleet.release(self._seq)  # cameras now run by other shards: numbering restarts there
         self._events = EventFactory(self._seq)
-        self.sinks = build_sinks(s, self.metrics)
+        self.sinks = build_sinks(s, self.metrics, self.fleet.shard)
         self.pipelines = [
             CameraPipeline(c, s, detector=self.detector, tracker=t, output=self, metrics=self.metrics.camera(c.id),
                            stopping=self.stopping)
@@ -110,6 +114,7 @@ class App:
                 "sam2_model": Path(s.tracker.sam2.model_config_name).stem if s.tracker.backend == "sam2" else "",
             }
         )
+        self.fleet.export(self.metrics)
         for c in cams:
             for r in c.regions:
                 self.metrics.occupancy.labels(c.id, r.id).set(0)
@@ -122,7 +127,8 @@ class App:
 
     @property
     def all_files(self) -> bool:
-        return all(not p.cam.is_live for p in self.pipelines)
+        # Over the whole fleet's cameras: a replica with no camera of its own idles with live ones.
+        return self.fleet.all_files
 
     def run(self) -> int:
         """Load, start and run until done (files) or stopped (signal). Returns an exit code."""

@@ -14,10 +14,15 @@ import sys
 import time
 
 from daemon import __version__
-from daemon.config import ConfigError, Settings, load_settings
+from pydantic import ValidationError
+
+from daemon.config import ConfigError, FleetConfig, Settings, format_validation_error, load_settings
 from daemon.redact import RedactingFilter
 
 log = logging.getLogger("regionwatch")
+
+SHARD_HELP = ("run only shard I of N of the cameras (rendezvous hashing of camera ids); overrides [fleet] shard; "
+              "also POD-NAME-I/N, e.g. regionwatch-2/3")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -49,24 +54,35 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load_or_exit(path: str) -> Settings:
+def _load_or_exit(path: str, shard: str | None = None) -> Settings:
+    """Load and validate; ``shard`` (``--shard I/N``) overrides ``[fleet] shard``. Exit 2 if invalid."""
     try:
-        return load_settings(path)
+        settings = load_settings(path)
+        if shard is not None:
+            settings.fleet = FleetConfig(shard=shard)
+        return settings
     except ConfigError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
-        raise SystemExit(2) from None
+        problems = e.problems
+    except ValidationError as e:  # from --shard
+        problems = [p.replace("shard: ", "--shard: ", 1) for p in format_validation_error(e)]
+    for p in problems:
+        print(p, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load_or_exit(args.config)
+    settings = _load_or_exit(args.config, args.shard)
     cams = ", ".join(f"{c.id} ({len(c.regions)} regions)" for c in settings.cameras)
     print(f"{args.config}: OK — {len(settings.cameras)} camera(s): {cams}; tracker {settings.tracker.backend}")
+    if settings.fleet.shard:
+        from daemon.fleet import FleetPlan
+
+        print(FleetPlan.of(settings).describe())
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _load_or_exit(args.config)
+    settings = _load_or_exit(args.config, args.shard)
     setup_logging(args.log_level or settings.logging.level, settings.logging.format)
     from daemon.app import App
     from daemon.detector import ModelLoadError
@@ -91,8 +107,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("%s", e)
         app.shutdown()
         return 1
-    cams = ", ".join(p.cam.id for p in app.pipelines)
-    log.info("regionwatch %s running: cameras %s, tracker %s", __version__, cams, settings.tracker.backend)
+    cams = ", ".join(p.cam.id for p in app.pipelines) or "(none)"
+    shard = f", shard {app.fleet.shard} ({len(app.pipelines)} of {app.fleet.configured} cameras)" if app.fleet.shard else ""
+    log.info("regionwatch %s running: cameras %s, tracker %s%s", __version__, cams, settings.tracker.backend, shard)
     code = app.run()
     frames = sum(p.frames for p in app.pipelines)
     log.info("stopped after %.1f s, %d frames processed", time.monotonic() - started, frames)
@@ -142,10 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon (files: process once and exit)")
     run.add_argument("--config", "-c", required=True, help="TOML configuration file")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
     run.set_defaults(func=cmd_run)
 
     chk = sub.add_parser("check-config", help="validate a configuration file (exit 0 valid, 2 invalid)")
     chk.add_argument("config")
+    chk.add_argument("--shard", metavar="I/N", help="also print the cameras shard I of N runs")
     chk.set_defaults(func=cmd_check_config)
 
     sch = sub.add_parser("schema", help="print the event JSON Schema")

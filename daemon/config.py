@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from daemon.fleet import Shard
 from daemon.redact import redact_url
 
 Identifier = Annotated[
@@ -322,6 +323,21 @@ class PreviewConfig(Section):
     jpeg_quality: int = Field(75, ge=10, le=100)
 
 
+class FleetConfig(Section):
+    """[fleet]: run only this replica's share of the cameras (see daemon/fleet.py)."""
+
+    shard: str = ""  # "I/N" or "POD-NAME-I/N"; empty: run every camera
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: str) -> str:
+        return str(Shard.parse(v)) if v.strip() else ""
+
+    @property
+    def parsed(self) -> Shard | None:
+        return Shard.parse(self.shard) if self.shard else None
+
+
 class LoggingConfig(Section):
     """[logging]"""
 
@@ -348,6 +364,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     preview: PreviewConfig = PreviewConfig()
     logging: LoggingConfig = LoggingConfig()
+    fleet: FleetConfig = FleetConfig()
     cameras: list[CameraConfig] = Field(min_length=1)
 
     @field_validator("cameras")

@@ -30,6 +30,7 @@ from fractions import Fraction
 import av
 
 from daemon.config import (
+    FleetConfig,
     JsonlSinkConfig,
     MetricsConfig,
     MqttSinkConfig,
@@ -95,4 +96,5 @@ def file_camera_settings(settings: Settings, camera_id: str | None, state_dir: s
         "state": StateConfig(dir=state_dir),
         "metrics": MetricsConfig(enabled=False),
         "preview": PreviewConfig(enabled=False),
+        "fleet": FleetConfig(),  # any camera of the config, whichever replica runs it
     })

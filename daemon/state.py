@@ -42,6 +42,16 @@ class SeqStore:
             ).fetchone()
             return int(row[0])
 
+    def cameras(self) -> list[str]:
+        """Cameras that have a number here (fleet: to forget the ones that moved to another shard)."""
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT camera FROM seq ORDER BY camera")]
+
+    def forget(self, cameras: list[str]) -> None:
+        """Drop these cameras' numbering: their next event here gets ``seq`` 1 again."""
+        with self._lock:
+            self._db.executemany("DELETE FROM seq WHERE camera = ?", [(c,) for c in cameras])
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

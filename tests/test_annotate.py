@@ -24,6 +24,7 @@ import pytest
 
 from daemon.annotate import Mp4Writer, ProgressBar, VideoInfo
 from daemon.draw import ENTRY_COLOR, REGION_COLOR, ColorPalette
+from helpers.video import cut_clip
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_FRAMES = 100
@@ -60,21 +61,6 @@ def decode(path: Path) -> tuple[list[np.ndarray], dict]:
         info = {"codec": s.codec_context.name, "size": (s.codec_context.width, s.codec_context.height),
                 "rate": s.average_rate}
         return frames, info
-
-
-def cut_clip(src: Path, dst: Path, n: int) -> None:
-    """The first ``n`` frames of ``src``, re-encoded (near-lossless) with the same size and rate."""
-    with av.open(str(src)) as i, av.open(str(dst), "w") as o:
-        s = i.streams.video[0]
-        out = o.add_stream("libx264", rate=s.average_rate)
-        out.width, out.height, out.pix_fmt = s.codec_context.width, s.codec_context.height, "yuv420p"
-        out.options = {"crf": "12", "preset": "ultrafast"}
-        for k, f in enumerate(i.decode(s)):
-            if k == n:
-                break
-            f.pts, f.time_base = k, 1 / s.average_rate
-            o.mux(out.encode(f))
-        o.mux(out.encode(None))
 
 
 def region_mask(shape, erode: int = 9) -> np.ndarray:

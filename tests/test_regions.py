@@ -149,3 +149,29 @@ def test_mask_polygon_in_events_when_asked():
     assert entry.mask_polygon == [[130.0, 120.0], [130.0, 189.0], [169.0, 189.0], [169.0, 120.0]]
     (entry,) = run(logic(), [(0, [p], ())])
     assert entry.mask_polygon is None and entry.mask_bbox == (130.0, 120.0, 170.0, 190.0)
+
+
+def tentative(tid: int, x: float, y: float) -> TrackedPerson:
+    p = person(tid, x, y)
+    return TrackedPerson(p.track_id, p.bbox, p.score, confirmed=False)
+
+
+def test_entry_of_a_new_track_waits_for_confirmation_and_keeps_its_first_frame():
+    lg = logic(debounce_s=0.2)
+    steps = [(i, [tentative(1, 150, 150)], ()) for i in range(5)] + [(5, [person(1, 150, 150)], ())]
+    out = run(lg, steps)
+    assert [(t.type, t.frame) for t in out] == [("entry", 0)]
+
+
+def test_a_track_never_confirmed_leaves_no_events():
+    lg = logic(debounce_s=0.0)
+    out = run(lg, [(i, [tentative(1, 150, 150)], ()) for i in range(5)] + [(5, [], (1,))])
+    assert out == [] and lg.occupancy() == {"r": 0}
+
+
+def test_a_short_visit_still_counts_when_it_lasts_the_debounce():
+    """In for 0.5 s (debounce 0.4 s), out again: one entry and one exit, at the right frames."""
+    lg = logic(debounce_s=0.4)
+    xs = [50] * 3 + [150] * 5 + [250] * 6
+    out = run(lg, [(i, [person(1, x, 150)], ()) for i, x in enumerate(xs)])
+    assert [(t.type, t.frame) for t in out] == [("entry", 3), ("exit", 8)]

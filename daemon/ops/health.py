@@ -3,7 +3,8 @@
 The app tells a :class:`Health` what happens (models loaded, the main loop turned) and gives it
 a provider of per-camera stream states; the HTTP listener asks it. ``healthz`` answers "is the
 process alive and its main loop turning?" (restart me if not); ``readyz`` answers "are the models
-loaded and is at least one camera streaming?" (do not count on my output yet if not).
+loaded and is at least one camera streaming?" (do not count on my output yet if not); a fleet
+replica whose shard has no camera is ready once loaded.
 
 Example:
     >>> h = Health(heartbeat_timeout_s=30)
@@ -68,7 +69,7 @@ class Health:
         self._started = clock()
         self._last_beat: float | None = None
         self._models_loaded = False
-        self._streams: StreamStates = dict
+        self._streams: StreamStates | None = None  # None: not told yet
         self._stopping = False
         self._metrics = metrics
         if metrics is not None:
@@ -123,21 +124,23 @@ class Health:
         }
 
     def readyz(self) -> tuple[bool, dict[str, Any]]:
-        """(ok, detail): models loaded and at least one camera streaming (not while stopping)."""
+        """(ok, detail): models loaded and at least one camera streaming, or none to run (not while stopping)."""
         with self._lock:
             loaded, provider, stopping = self._models_loaded, self._streams, self._stopping
         try:
-            cameras = {str(cam): _state_name(state) for cam, state in provider().items()}
+            cameras = {str(cam): _state_name(state) for cam, state in (provider or dict)().items()}
         except Exception as e:  # a broken provider must not break the probe
             cameras, error = {}, f"stream state provider failed: {type(e).__name__}"
         else:
             error = None
         streaming = sum(1 for s in cameras.values() if s == STREAMING)
-        ok = loaded and streaming > 0 and not stopping
+        # A fleet replica whose shard has no camera ([fleet] shard) has nothing to wait for.
+        idle = provider is not None and not cameras and error is None
+        ok = loaded and (streaming > 0 or idle) and not stopping
         reasons = []
         if not loaded:
             reasons.append("models not loaded")
-        if streaming == 0:
+        if streaming == 0 and not idle:
             reasons.append("no camera streaming")
         if stopping:
             reasons.append("stopping")

@@ -89,6 +89,13 @@ class Metrics:
         self.ready = Gauge(f"{NS}_ready", "1 when models are loaded and a camera streams.", registry=r)
         self.build = Info(f"{NS}_build", "Version, tracker backend and model names.", registry=r)
 
+        # Fleet ([fleet] shard): which replica this is and how many cameras it runs
+        self.shard = Info(f"{NS}_shard", "This replica's shard index and the shard count (0 of 1 alone).", registry=r)
+        self.cameras = Gauge(f"{NS}_cameras", "Cameras this replica runs (its shard's share).", registry=r)
+        self.cameras_configured = Gauge(
+            f"{NS}_cameras_configured", "Cameras in the configuration, over all shards.", registry=r
+        )
+
     def camera(self, camera: str) -> CameraMetrics:
         """The series of one camera, bound once (the per-frame path does no label lookups)."""
         return CameraMetrics(self, camera)

@@ -49,6 +49,7 @@ from paho.mqtt.properties import Properties
 
 from daemon.config import CameraConfig, MqttSinkConfig, StateConfig
 from daemon.events import Event
+from daemon.fleet import Shard, client_id, status_topic
 from daemon.sinks.base import Sink
 from daemon.sinks.outbox import Outbox
 
@@ -106,20 +107,23 @@ def _password_source(cfg: MqttSinkConfig) -> str:
 
 
 class MqttTopics:
-    """Topic names under a prefix.
+    """Topic names under a prefix; a fleet replica ([fleet] shard) has its own status topic.
 
     Example:
         >>> t = MqttTopics("regionwatch")
         >>> t.status, t.events("hall"), t.occupancy("hall", "table")
         ('regionwatch/status', 'regionwatch/hall/events', 'regionwatch/hall/table/occupancy')
+        >>> MqttTopics("regionwatch", Shard(2, 3)).status
+        'regionwatch/shard/2/status'
     """
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, shard: Shard | None = None):
         self.prefix = prefix.rstrip("/")
+        self.shard = shard
 
     @property
     def status(self) -> str:
-        return f"{self.prefix}/status"
+        return status_topic(self.prefix, self.shard)
 
     def events(self, camera: str) -> str:
         return f"{self.prefix}/{camera}/events"
@@ -134,9 +138,13 @@ class MqttTopics:
         return f"{self.prefix}/{camera}/stream"
 
 
-def homeassistant_discovery(cfg: MqttSinkConfig, cameras: list[CameraConfig]) -> dict[str, bytes]:
+def homeassistant_discovery(cfg: MqttSinkConfig, cameras: list[CameraConfig],
+                            shard: Shard | None = None) -> dict[str, bytes]:
     """Home Assistant discovery messages (topic → JSON): per region an occupancy binary sensor
     and a people-count sensor, both fed by the retained occupancy topic.
+
+    Availability follows the replica's own status topic (``shard``); the node and unique ids use
+    the fleet-wide ``client_id``, so a camera that moves to another replica keeps its entities.
 
     Example:
         >>> import tempfile, os
@@ -145,7 +153,7 @@ def homeassistant_discovery(cfg: MqttSinkConfig, cameras: list[CameraConfig]) ->
         >>> sorted(homeassistant_discovery(MqttSinkConfig(), [cam]))
         ['homeassistant/binary_sensor/regionwatch/hall_table_occupied/config', 'homeassistant/sensor/regionwatch/hall_table_count/config']
     """
-    topics = MqttTopics(cfg.topic_prefix)
+    topics = MqttTopics(cfg.topic_prefix, shard)
     node = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.client_id) or "regionwatch"
     availability = [
         {"topic": topics.status, "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}
@@ -208,9 +216,11 @@ class MqttSink(Sink):
         cameras: list[CameraConfig],
         *,
         environ: Mapping[str, str] | None = None,
+        shard: Shard | None = None,
     ):
         self.cfg = cfg
-        self.topics = MqttTopics(cfg.topic_prefix)
+        self.shard = shard  # [fleet]: this replica's client id and status topic (daemon/fleet.py)
+        self.topics = MqttTopics(cfg.topic_prefix, shard)
         self._metrics = metrics
         self._v5 = cfg.protocol == "5"
         self._cameras = [c for c in cameras if c.enabled]
@@ -237,7 +247,7 @@ class MqttSink(Sink):
             for region in cam.regions:
                 self._set_retained(self.topics.occupancy(cam.id, region.id), b"0", wake=False)
         if cfg.homeassistant_discovery:
-            for topic, payload in homeassistant_discovery(cfg, self._cameras).items():
+            for topic, payload in homeassistant_discovery(cfg, self._cameras, shard).items():
                 self._set_retained(topic, payload, self._props("application/json"), wake=False)
         metrics.mqtt_connected.set(0)
         for result in ("queued", "delivered", "rejected"):  # series exist before the first event
@@ -363,7 +373,7 @@ class MqttSink(Sink):
         cfg = self.cfg
         client = _Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id,
+            client_id=client_id(cfg.client_id, self.shard),
             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
             clean_session=None if self._v5 else True,
         )

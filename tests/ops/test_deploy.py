@@ -79,8 +79,14 @@ def test_dashboard_has_the_panels_operators_need():
                    "regionwatch_detector_seconds_bucket", "regionwatch_tracker_step_seconds_bucket",
                    "regionwatch_people_tracked", "regionwatch_region_occupancy", "regionwatch_events_total",
                    "regionwatch_frames_skipped_total", "regionwatch_outbox_events", "regionwatch_mqtt_connected",
-                   "process_resident_memory_bytes", "regionwatch_gpu_memory_allocated_bytes"):
+                   "process_resident_memory_bytes", "regionwatch_gpu_memory_allocated_bytes",
+                   # fleet: per-replica view (cameras per shard, CPU per camera, outbox depth)
+                   "regionwatch_cameras", "regionwatch_cameras_configured", "regionwatch_shard_info",
+                   "process_cpu_seconds_total"):
         assert metric in exprs, f"no panel shows {metric}"
+    fleet = " ".join(q for _, q in queries(load_dashboard()) if "regionwatch_shard_info" in q)
+    for metric in ("regionwatch_cameras ", "process_cpu_seconds_total", "regionwatch_outbox_events"):
+        assert metric in fleet, f"no per-replica (shard-labelled) panel shows {metric}"
     assert exprs.count("histogram_quantile(0.95") == 3 and exprs.count("histogram_quantile(0.5,") == 3
 
 
