@@ -213,13 +213,15 @@ def test_refined_entries_are_the_observed_frames(refined, tiny_budget):
 
 
 @pytest.mark.slow  # shares two in-process App runs over 430 frames
-def test_without_refinement_entries_are_late_by_up_to_the_interval(tiny_budget):
+def test_without_refinement_following_already_puts_entries_on_the_observed_frames(tiny_budget):
+    """The tracker follows each visitor on every frame from where the detector first saw them
+    (outside the region): the entry is found on time, however rarely the detector runs."""
     entries = entries_by_visitor(tiny_budget[1])
     late = {v: entries[v]["footage_frame"] - want for v, want in OBSERVED_ENTRIES.items()}
-    assert all(-TOLERANCE_FRAMES <= d <= INTERVAL_FRAMES for d in late.values()), late
-    assert sum(d > TOLERANCE_FRAMES for d in late.values()) >= 3, f"most entries should be late: {late}"
-    for e in entries.values():  # detected on a detector frame, and left there
-        assert e["frame"] == e["detected_frame"] and e["footage_frame"] % INTERVAL_FRAMES == 0
+    assert all(abs(d) <= TOLERANCE_FRAMES for d in late.values()), late
+    assert any(entries[v]["footage_frame"] % INTERVAL_FRAMES for v in OBSERVED_ENTRIES), late  # not on detector frames
+    for e in entries.values():  # left where the pipeline found it
+        assert e["frame"] == e["detected_frame"]
 
 
 @pytest.mark.slow  # shares two in-process App runs over 430 frames
@@ -238,9 +240,9 @@ def test_budget_is_respected(tiny_budget):
 
 @pytest.mark.slow  # shares two in-process App runs over 430 frames
 def test_person_not_found_before_the_entry(refined):
-    """Visitor 2 appears out of nothing at 242: the first detection at 250 is not confirmed until 260."""
+    """Visitor 2 appears out of nothing at 242, already inside: first seen by the detector at 250."""
     e = entries_by_visitor(refined[1])[7]
-    assert e["footage_detected"] == 260, e  # ByteTrack confirms a new track on its second detection
+    assert e["footage_detected"] == 250, e  # the entry of a new track is its first sighting
     assert e["refined"] == "person_lost", e
     assert abs(e["footage_frame"] - LOST_FROM) <= TOLERANCE_FRAMES, e
 
