@@ -86,6 +86,38 @@ class Metrics:
         self.ready = Gauge(f"{NS}_ready", "1 when models are loaded and a camera streams.", registry=r)
         self.build = Info(f"{NS}_build", "Version, tracker backend and model names.", registry=r)
 
+        # SAM2 server (one worker per device serving every camera; see daemon/tracking/sam2_server.py)
+        self.sam2_queue_wait = Histogram(
+            f"{NS}_sam2_queue_wait_seconds",
+            "Time a camera's request waited for the SAM2 worker (what the per-model lock used to cost).",
+            ["camera"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.sam2_tick_seconds = Histogram(
+            f"{NS}_sam2_tick_seconds", "One SAM2 worker tick (all cameras served together).",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.sam2_people = Gauge(f"{NS}_sam2_people", "People the SAM2 server tracks over all cameras.", registry=r)
+        self.sam2_people_budget = Gauge(
+            f"{NS}_sam2_people_budget", "Most people the SAM2 server tracks at once (tracker.sam2.max_people_total).",
+            registry=r,
+        )
+        self.sam2_people_rejected = Counter(
+            f"{NS}_sam2_people_rejected", "New people not tracked because a person budget was full (overload).",
+            ["camera"], registry=r,
+        )
+        self.sam2_reanchors = Counter(
+            f"{NS}_sam2_reanchors", "People re-prompted from the detector, by reason (lost, disagree, age).",
+            ["camera", "reason"], registry=r,
+        )
+        self.sam2_resets = Counter(
+            f"{NS}_sam2_resets", "SAM2 camera state dropped on a stream discontinuity or a failed tick.",
+            ["camera", "reason"], registry=r,
+        )
+        self.sam2_tentative_dropped = Counter(
+            f"{NS}_sam2_tentative_dropped", "New tracks dropped before confirmation, by reason (lost, duplicate).",
+            ["camera", "reason"], registry=r,
+        )
+
     def exposition(self) -> bytes:
         """The text exposition format, as served on /metrics."""
         return generate_latest(self.registry)
