@@ -309,6 +309,10 @@ class StreamingSam2Session:
         """Stop tracking ``obj_id`` and free its memory (KeyError when unknown)."""
         del self._people[obj_id]
 
+    def reset(self) -> None:
+        """Forget everyone (e.g. after a stream discontinuity); the step counter goes on."""
+        self._people.clear()
+
     def step(self, frame: np.ndarray) -> dict[int, PersonOutput]:
         """Make ``frame`` (HxWx3 uint8 RGB) current and track every person on it."""
         model = self._model
