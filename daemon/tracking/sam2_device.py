@@ -120,8 +120,10 @@ def memory_inputs(
         ptrs = pointers.transpose(0, 1)  # (P, B, hidden)
         if model.add_tpos_enc_to_obj_ptrs:
             tpos_dim = model.hidden_dim if model.proj_tpos_enc_in_obj_ptrs else model.mem_dim
-            ptr_pos = get_1d_sine_pe(distances / (max_ptrs - 1), dim=tpos_dim)
-            ptr_pos = model.obj_ptr_tpos_proj(ptr_pos).transpose(0, 1)  # (P, B, mem_dim)
+            sine = get_1d_sine_pe(distances / (max_ptrs - 1), dim=tpos_dim)  # elementwise: batch-invariant
+            # Projected per person, as SAM2 does: a GEMM's rounding depends on its row count, and
+            # the encodings must not depend on who else shares the batch.
+            ptr_pos = torch.stack([model.obj_ptr_tpos_proj(row) for row in sine], dim=1)  # (P, B, mem_dim)
         else:
             ptr_pos = ptrs.new_zeros(ptrs.shape[0], batch, model.mem_dim)
         split = model.hidden_dim // model.mem_dim  # a pointer becomes `split` memory tokens

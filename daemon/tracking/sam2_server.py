@@ -477,7 +477,9 @@ class Sam2Server:
             for i, r in enumerate(batch):
                 r.camera.busy = False
                 if results is None:
-                    r.future._set(None, RuntimeError(f"SAM2 tick failed for camera {r.camera.name}: {error!r}"))
+                    failure = RuntimeError(f"SAM2 tick failed for camera {r.camera.name}: {error!r}")
+                    failure.__cause__ = error
+                    r.future._set(None, failure)
                 else:
                     r.future._set(results[i])
             self._cond.notify_all()
