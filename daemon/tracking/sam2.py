@@ -38,8 +38,10 @@ Example (random weights — mechanics only):
     >>> tracker = Sam2Tracker(model, cfg, lost_after_s=2.0, camera="hall")
     >>> f = Frame("hall", 0, 0.0, 0.0, np.zeros((120, 160, 3), np.uint8))
     >>> u = tracker.update(f, Detections(np.array([[40, 20, 100, 110]], np.float32), np.array([0.9], np.float32)))
-    >>> tracker.active, [p.mask.shape for p in u.people]
-    (1, [(120, 160)])
+    >>> tracker.active, tracker.client.people       # reported once SAM2 sees them (random here)
+    (1, (1,))
+    >>> all(p.mask.shape == (120, 160) for p in u.people)
+    True
     >>> model.server.close()
 """
 
@@ -327,6 +329,8 @@ class Sam2Tracker:
         """Match detections to people (IoU with mask box or last detector box); prompts for new
         people and for re-anchors."""
         ids = list(self._tracks)
+        if not ids:  # everyone was just dropped (a failed tick): all detections are new
+            return self._new_people(frame, dets, range(len(dets)))
         iou = box_iou(dets.xyxy, np.stack([self._tracks[t].det_box for t in ids]))
         mask_cols = [k for k, t in enumerate(ids) if self._present(t)]
         if mask_cols:

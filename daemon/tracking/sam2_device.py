@@ -30,6 +30,7 @@ Example (random weights; shapes only):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -67,8 +68,7 @@ def preprocess(
     """
     if out is None:
         out = torch.empty(len(frames), 3, image_size, image_size, device=frames[0].device)
-    mean = torch.tensor(_IMG_MEAN, device=out.device)[:, None, None]
-    std = torch.tensor(_IMG_STD, device=out.device)[:, None, None]
+    mean, std, _ = _constants(out.device)
     for i, frame in enumerate(frames):
         image = frame.permute(2, 0, 1)[None].float()
         if bgr:
@@ -196,5 +196,13 @@ def pack_rows(masks: torch.Tensor) -> torch.Tensor:
     """(N, H, W) bool -> (N, H, ceil(W/8)) uint8, each row packed like ``np.packbits(axis=-1)``."""
     n, height, width = masks.shape
     padded = F.pad(masks.to(torch.uint8), (0, -width % 8))
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=masks.device)
-    return (padded.reshape(n, height, -1, 8) * weights).sum(dim=-1, dtype=torch.uint8)
+    return (padded.reshape(n, height, -1, 8) * _constants(masks.device)[2]).sum(dim=-1, dtype=torch.uint8)
+
+
+@functools.cache
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, bit weights) on ``device``, made once: a pageable host-to-device copy syncs."""
+    mean = torch.tensor(_IMG_MEAN, device=device)[:, None, None]
+    std = torch.tensor(_IMG_STD, device=device)[:, None, None]
+    bits = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+    return mean, std, bits

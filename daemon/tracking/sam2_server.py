@@ -687,31 +687,15 @@ class Sam2Server:
             return None
         if cam.regions is None or cam.regions_size != cam.size:
             height, width = cam.size
-            cam.regions = self._upload(np.asarray(cam.region_masks(width, height), bool).reshape(-1, height, width))
+            masks = np.asarray(cam.region_masks(width, height), bool).reshape(-1, height, width)
+            cam.regions = self._upload(masks.astype(np.float32))  # float: overlaps are one matmul
             cam.regions_size = cam.size
         return cam.regions
 
     def _finish(self, batch, outputs, rejected, encoded) -> list[CameraResult]:
         """Post-process on the device, copy everything back at once, build the results."""
-        parts, layout = [], []
-        for r in batch:
-            outs = outputs[id(r)]
-            if not outs:
-                layout.append(None)
-                continue
-            cam = r.camera
-            logits = F.interpolate(torch.cat([o.low_res for o in outs]).float(), size=cam.size, mode="bilinear", align_corners=False)
-            if self.model.non_overlap_masks:
-                logits = self.model._apply_non_overlapping_constraints(logits)
-            masks = logits[:, 0] > 0
-            stats = torch.cat([torch.cat([o.score for o in outs]).float(), dev.mask_stats(masks, self._regions(cam))], dim=1)
-            parts.append(stats.flatten().view(torch.uint8))
-            packed = dev.pack_rows(masks) if r.masks else None
-            if packed is not None:
-                parts.append(packed.flatten())
-            layout.append((stats.shape, None if packed is None else packed.shape))
-        host = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.uint8)
-        self.stats.copies_to_host += bool(parts)
+        with torch.autocast(self._device.type, enabled=False):  # pixel counts need fp32 matmuls
+            host, layout = self._post_process(batch, outputs)
         results, offset = [], 0
         for i, (r, shape) in enumerate(zip(batch, layout)):
             people: dict[int, PersonResult] = {}
@@ -729,6 +713,32 @@ class Sam2Server:
             cam = r.camera
             results.append(CameraResult(cam.frame_index, people, tuple(rejected.get(i, ())), id(cam) in encoded, cam.epoch))
         return results
+
+    def _post_process(self, batch, outputs) -> tuple[np.ndarray, list]:
+        """Per camera: masks at frame size, their statistics and (when asked) packed rows, all
+        concatenated as bytes and copied to the host in one go. Returns (bytes, layout)."""
+        parts, layout = [], []
+        for r in batch:
+            outs = outputs[id(r)]
+            if not outs:
+                layout.append(None)
+                continue
+            cam = r.camera
+            low_res = torch.cat([o.low_res for o in outs]).float()
+            logits = F.interpolate(low_res, size=cam.size, mode="bilinear", align_corners=False)
+            if self.model.non_overlap_masks:
+                logits = self.model._apply_non_overlapping_constraints(logits)
+            masks = logits[:, 0] > 0
+            scores = torch.cat([o.score for o in outs]).float()
+            stats = torch.cat([scores, dev.mask_stats(masks, self._regions(cam))], dim=1)
+            parts.append(stats.flatten().view(torch.uint8))
+            packed = dev.pack_rows(masks) if r.masks else None
+            if packed is not None:
+                parts.append(packed.flatten())
+            layout.append((stats.shape, None if packed is None else packed.shape))
+        host = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.uint8)
+        self.stats.copies_to_host += bool(parts)
+        return host, layout
 
 
 def _person_result(out: _Output, row: np.ndarray, packed: np.ndarray | None) -> PersonResult:

@@ -16,7 +16,6 @@ import textwrap
 import av
 import numpy as np
 import pytest
-import torch
 
 from daemon.config import CameraConfig, Sam2Config, Settings
 from daemon.ops.metrics import Metrics
@@ -29,31 +28,16 @@ BASE = dict(device="cpu", image_size=128, random_weights_for_tests=True, track_f
 PERSON, OTHER = [384, 130, 518, 390], [40, 100, 120, 300]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _predictor(seed: int):
-    torch.manual_seed(seed)
-    model = load_sam2_model(Sam2Config(**BASE))
-    model.server.close()
-    return model.predictor
-
-
 @pytest.fixture(scope="module")
-def seeing():
+def seeing(sam2_model):
     """SAM2 that sees whoever is prompted."""
-    return _predictor(0)
+    return sam2_model
 
 
 @pytest.fixture(scope="module")
-def blind():
+def blind(sam2_builder):
     """SAM2 that never sees anyone (object score < 0)."""
-    return _predictor(6)
+    return sam2_builder(6)
 
 
 @pytest.fixture(scope="module")

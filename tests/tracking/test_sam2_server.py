@@ -22,7 +22,6 @@ pytest.importorskip("sam2")
 av = pytest.importorskip("av")
 
 import cv2  # noqa: E402
-from sam2.build_sam import build_sam2_video_predictor  # noqa: E402
 
 from daemon.ops.metrics import Metrics  # noqa: E402
 from daemon.regions import mask_footprint  # noqa: E402
@@ -61,21 +60,9 @@ SCRIPT = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_sam2_video_predictor(
-        "configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu",
-        hydra_overrides_extra=["++model.image_size=128"], apply_postprocessing=False,
-    )
+def model(sam2_model):
+    return sam2_model
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 SAM2VideoPredictor at the inputs and outputs of ``memory_attention``, memory bounds, mechanics.
 
 SAM2 runs with random weights (no checkpoint can be had here) at image_size 128 on one CPU
-thread: these tests check mechanics and numerical equivalence, never tracking quality.
+thread (tests/tracking/conftest.py): these tests check mechanics and numerical equivalence, never tracking quality.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ pytest.importorskip("sam2")
 av = pytest.importorskip("av")
 
 from PIL import Image  # noqa: E402
-from sam2.build_sam import build_sam2_video_predictor  # noqa: E402
 
 from daemon.tracking import sam2_device  # noqa: E402
 from daemon.tracking.sam2_probe import AttentionProbe, compare_calls  # noqa: E402
@@ -36,25 +35,9 @@ PILLAR_BOX = [520, 0, 620, 260]
 TABLE_BOX = [200, 150, 330, 330]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box two threads cost 5-10x the CPU time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)  # with this seed, masks cover part of the frame (neither empty nor full)
-    return build_sam2_video_predictor(
-        "configs/sam2.1/sam2.1_hiera_t.yaml",
-        ckpt_path=None,
-        device="cpu",
-        hydra_overrides_extra=["++model.image_size=128"],
-        apply_postprocessing=False,
-    )
+def model(sam2_model):
+    return sam2_model  # seed 0: masks cover part of the frame (neither empty nor full)
 
 
 @pytest.fixture(scope="module")
