@@ -59,12 +59,17 @@ class TrackedPerson:
     """One person as the tracker sees them on one frame.
 
     ``mask`` (HxW bool, SAM2 only) is the person's segmentation at frame resolution.
+    ``footprint`` (SAM2 only) is the centre of the mask's lowest row and ``overlaps`` the fraction
+    of the mask inside each of the camera's regions (config order), both computed where the mask
+    is (on the GPU), so they are there even when the mask is not copied back.
     """
 
     track_id: int
     bbox: np.ndarray
     score: float
     mask: np.ndarray | None = None
+    footprint: tuple[float, float] | None = None
+    overlaps: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

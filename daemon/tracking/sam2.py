@@ -26,7 +26,8 @@ and on every step:
   SAM2 state.
 
 Reported people carry SAM2's object score (sigmoid of its logit) as ``score``, the mask box as
-``bbox`` and the mask. New people beyond the camera's ``max_people`` or the server's
+``bbox``, the mask, its footprint and its overlap with each of the camera's regions (the last two
+computed on the device). New people beyond the camera's ``max_people`` or the server's
 ``max_people_total`` are not tracked (``regionwatch_sam2_people_rejected_total``).
 
 Example (random weights — mechanics only):
@@ -199,6 +200,7 @@ class Sam2Tracker:
         self.metrics = metrics
         self.masks = masks
         self.client = model.server.camera(camera, region_masks=region_masks, bgr=True)
+        self._has_regions = region_masks is not None
         self._tracks: dict[int, _Track] = {}
         self._next_id = 1
         self._next_track_pts = float("-inf")
@@ -421,7 +423,12 @@ class Sam2Tracker:
             if not track.confirmed or out is None or not out.present:
                 continue
             mask = out.mask.full(width, height) if out.mask is not None else None
-            people.append(TrackedPerson(tid, np.asarray(out.bbox, np.float32), _sigmoid(out.score), mask))
+            people.append(
+                TrackedPerson(
+                    tid, np.asarray(out.bbox, np.float32), _sigmoid(out.score), mask, out.footprint,
+                    out.overlaps if self._has_regions else None,
+                )
+            )
         for track in self._tracks.values():
             track.result = None
         return tuple(people)

@@ -20,7 +20,7 @@ import pytest
 from daemon.config import CameraConfig, Sam2Config, Settings
 from daemon.ops.metrics import Metrics
 from daemon.records import Detections, Frame
-from daemon.regions import Zone
+from daemon.regions import Zone, mask_footprint
 from daemon.tracking.sam2 import Sam2LoadError, Sam2Model, Sam2Tracker, build_sam2_tracker, load_sam2_model
 from daemon.tracking.sam2_server import Sam2Server
 
@@ -190,11 +190,13 @@ def test_factory_shares_one_server_with_region_overlaps(footage, yolo_model, fra
     try:
         assert all(t.model.server is server for t in trackers) and server.max_people == 3 and server.threaded
         u = trackers[0].update(frame(frames, 0), dets(PERSON))
-        result = trackers[0].client.step(frames[1], masks=True).people[1]
+        person = u.people[0]
         region = Zone(settings.cameras[0].regions[0]).mask(768, 432)
-        left = (result.mask.full(768, 432) & region).sum() / result.area
-        assert result.overlaps == pytest.approx((left,), abs=1e-6)  # computed on the device
+        left = (person.mask & region).sum() / person.mask.sum()
+        assert person.overlaps == pytest.approx((left,), abs=1e-6)  # computed on the device
+        assert person.footprint == pytest.approx(mask_footprint(person.mask), abs=1e-3)
         assert [p.track_id for p in u.people] == [1]
+        assert trackers[1].update(frame(frames, 0), dets(PERSON)).people[0].overlaps is None  # no regions
         assert metrics.sam2_people_budget._value.get() == 3
     finally:
         server.close()
