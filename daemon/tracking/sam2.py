@@ -242,7 +242,10 @@ class Sam2Tracker:
         ended = self._drop_all()
         self._reset_pending = False
         self._removals.clear()
-        self.client.submit(reset=True).result()
+        try:
+            self.client.submit(reset=True).result()
+        except RuntimeError as e:  # the server is gone (shutdown) or failed: nothing left to free
+            log.warning("camera %s: SAM2 reset at the end failed: %s", self.camera, e)
         if frame is None or not ended:
             return None
         return TrackUpdate(frame, (), tuple(ended))
@@ -282,9 +285,12 @@ class Sam2Tracker:
     def _take_result(self, result: CameraResult, frame: Frame) -> list[int]:
         """Record SAM2's outputs; returns ids ended because the server dropped the camera."""
         ended = []
-        if result.epoch != self._epoch:  # a failed tick: the server no longer tracks our people
+        if result.epoch != self._epoch:
+            # An earlier tick failed: the server dropped everyone it had, not those prompted now.
             self._epoch = result.epoch
-            ended = self._drop_all()
+            fresh = {tid for tid, out in result.people.items() if out.prompted}
+            ended = sorted(tid for tid, t in self._tracks.items() if t.confirmed and tid not in fresh)
+            self._tracks = {tid: t for tid, t in self._tracks.items() if tid in fresh}
             if self.metrics is not None:
                 self.metrics.sam2_resets.labels(self.camera, "failure").inc()
         for tid in result.rejected:

@@ -264,3 +264,16 @@ def test_daemon_runs_end_to_end_with_sam2(tmp_path, footage, yolo_model, regionw
         else:
             assert opened.pop(key)["frame"] <= e["frame"]
     assert not opened
+
+
+def test_a_failed_tick_ends_the_cameras_people_and_tracking_resumes(seeing, frames, monkeypatch):
+    metrics = Metrics()
+    t = tracker(seeing, metrics, confirm_steps=0, reanchor_iou=0.0)
+    t.update(frame(frames, 0), dets(PERSON))
+    with monkeypatch.context() as patch:
+        patch.setattr(seeing, "forward_image", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+        with pytest.raises(RuntimeError, match="SAM2 tick failed"):
+            t.update(frame(frames, 1), None)  # the pipeline logs it and goes on with the next frame
+    u = t.update(frame(frames, 2), dets(OTHER))
+    assert u.ended == (1,) and sorted(t._tracks) == [2] and count(metrics.sam2_resets, "hall", "failure") == 1
+    assert t.client.people == (2,) and t.model.server.people == 1  # nobody orphaned in the server
