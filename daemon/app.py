@@ -32,18 +32,16 @@ from daemon.state import SeqStore
 log = logging.getLogger(__name__)
 
 
-def build_tracker(settings: Settings, camera: CameraConfig, shared: dict):
-    """A tracker for one camera, from ``[tracker]``; models are loaded once into ``shared``."""
+def build_tracker(settings: Settings, camera: CameraConfig, shared: dict, metrics: Metrics | None = None):
+    """A tracker for one camera, from ``[tracker]``; models (and the SAM2 server) are built once into ``shared``."""
     t = settings.tracker
     if t.backend == "bytetrack":
         from daemon.tracking.bytetrack import ByteTrackTracker
 
         return ByteTrackTracker(t.bytetrack)
-    from daemon.tracking.sam2 import Sam2Tracker, load_sam2_model
+    from daemon.tracking.sam2 import build_sam2_tracker
 
-    if "sam2" not in shared:
-        shared["sam2"] = load_sam2_model(t.sam2)
-    return Sam2Tracker(shared["sam2"], t.sam2, lost_after_s=t.lost_after_s, camera=camera.id)
+    return build_sam2_tracker(settings, camera, shared, metrics=metrics)
 
 
 def build_sinks(settings: Settings, metrics: Metrics, shard: Shard | None = None) -> list[Sink]:
@@ -95,7 +93,7 @@ class App:
         )
         shared: dict = {}
         cams = [c for c in s.cameras if c.enabled]
-        trackers = [build_tracker(s, c, shared) for c in cams]
+        trackers = [build_tracker(s, c, shared, self.metrics) for c in cams]
         self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync)
         self.fleet.release(self._seq)  # cameras now run by other shards: numbering restarts there
         self._events = EventFactory(self._seq)

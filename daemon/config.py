@@ -92,16 +92,32 @@ class Sam2Config(Section):
     device: str = "cuda"
     image_size: int = Field(1024, ge=64, le=4096)
     max_people: int = Field(16, ge=1, le=256)
+    max_people_total: int = Field(64, ge=1, le=4096)
     track_fps: float = Field(10.0, gt=0, le=240)
     match_iou: float = Field(0.3, gt=0, le=1)
     prompt: Literal["box", "points"] = "box"
     max_cond_frames: int = Field(2, ge=1, le=64)
+    max_cond_age_s: float = Field(10.0, gt=0, le=86400)
+    reanchor_iou: float = Field(0.5, ge=0, le=1)
+    confirm_steps: int = Field(2, ge=0, le=100)
+    duplicate_iou: float = Field(0.8, gt=0, le=1)
+    reset_gap_s: float = Field(1.0, gt=0, le=86400)
+    encoder_batches: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1)
+    max_batch: int = Field(64, ge=1, le=4096)
     bf16: bool = True
+    tf32: bool = True
     compile: bool = False
     mask_polygon: bool = False
     random_weights_for_tests: bool = False
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("encoder_batches")
+    @classmethod
+    def _batches_increase(cls, v: list[int]) -> list[int]:
+        if any(b < 1 or b > 256 for b in v) or any(a >= b for a, b in zip(v, v[1:])):
+            raise ValueError(f"must be increasing batch sizes between 1 and 256, got {v}")
+        return v
 
     @field_validator("checkpoint")
     @classmethod

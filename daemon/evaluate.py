@@ -39,6 +39,7 @@ import numpy as np
 
 from daemon.config import RegionConfig, Settings
 from daemon.events import Event, RegionTransition
+from daemon.geometry import assign
 from daemon.records import Frame, TrackedPerson, TrackUpdate
 from daemon.regions import RegionLogic
 from daemon.sinks.base import Sink
@@ -190,8 +191,6 @@ def match_events(
     The pairing minimises the total frame error (Hungarian assignment), so a late event is not
     stolen by an unrelated one. Returns scores for ``"entry"``, ``"exit"`` and ``"all"``.
     """
-    from scipy.optimize import linear_sum_assignment
-
     scores = {"entry": EventScore(0, 0, 0), "exit": EventScore(0, 0, 0)}
     keys = {(t.region, t.type) for t in [*predicted, *truth]}
     for region, kind in sorted(keys):
@@ -200,9 +199,7 @@ def match_events(
         errors: list[int] = []
         if len(p) and len(g):
             diff = np.abs(p[:, None] - g[None, :])
-            cost = np.where(diff <= tolerance_frames, diff, 10**9).astype(np.float64)
-            rows, cols = linear_sum_assignment(cost)
-            errors = [int(diff[r, c]) for r, c in zip(rows, cols) if diff[r, c] <= tolerance_frames]
+            errors = [int(diff[r, c]) for r, c in assign(diff, limit=tolerance_frames + 0.5)]
         tp = len(errors)
         scores[kind] = scores[kind] + EventScore(tp, len(p) - tp, len(g) - tp, tuple(errors))
     scores["all"] = scores["entry"] + scores["exit"]

@@ -62,12 +62,17 @@ class TrackedPerson:
     ``confirmed`` is False while a new track waits for the detector to see them a second time:
     region logic follows them but holds their entries back until then (a false detection that
     the follower kept alive for a moment must not become an event).
+    ``footprint`` (SAM2 only) is the centre of the mask's lowest row and ``overlaps`` the fraction
+    of the mask inside each of the camera's regions (config order), both computed where the mask
+    is (on the GPU), so they are there even when the mask is not copied back.
     """
 
     track_id: int
     bbox: np.ndarray
     score: float
     mask: np.ndarray | None = None
+    footprint: tuple[float, float] | None = None
+    overlaps: tuple[float, ...] | None = None
     confirmed: bool = True
 
 

@@ -82,8 +82,9 @@ def mask_footprint(mask: np.ndarray) -> tuple[float, float] | None:
 class Zone:
     """One region polygon with its anchor rule."""
 
-    def __init__(self, cfg: RegionConfig):
+    def __init__(self, cfg: RegionConfig, index: int | None = None):
         self.id = cfg.id
+        self.index = index  # position in the camera's region list (TrackedPerson.overlaps order)
         self.anchor = cfg.anchor
         self.min_overlap = cfg.min_overlap
         self.polygon = np.asarray(cfg.polygon, dtype=np.float64)
@@ -123,6 +124,9 @@ class Zone:
         region = self.mask(width, height)
         out = np.zeros(len(people), bool)
         for i, p in enumerate(people):
+            if p.overlaps is not None and self.index is not None:  # measured by the tracker (SAM2: on the GPU)
+                out[i] = p.overlaps[self.index] >= self.min_overlap
+                continue
             if p.mask is None:
                 continue
             x1, y1 = max(int(p.bbox[0]), 0), max(int(p.bbox[1]), 0)
@@ -140,7 +144,7 @@ class Zone:
             if self.anchor == "center":
                 pts[i] = ((x1 + x2) / 2, (y1 + y2) / 2)
                 continue
-            foot = mask_footprint(p.mask) if p.mask is not None else None
+            foot = p.footprint if p.footprint is not None else mask_footprint(p.mask) if p.mask is not None else None
             pts[i] = foot if foot is not None else ((x1 + x2) / 2, y2)
         return pts
 
@@ -207,7 +211,7 @@ class RegionLogic:
     ):
         self.camera = camera
         self.mask_polygon = mask_polygon
-        self.zones = [Zone(r) for r in regions]
+        self.zones = [Zone(r, k) for k, r in enumerate(regions)]
         self.debounce_s = debounce_s
         self._state: dict[tuple[int, str], _Presence] = {}
 

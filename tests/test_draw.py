@@ -355,7 +355,7 @@ def test_masks_from_the_real_sam2_tracker_are_drawn_exactly_where_they_are(foota
                 img = f.to_ndarray(format="bgr24")
                 break
     torch.manual_seed(0)
-    cfg = Sam2Config(device="cpu", image_size=256, random_weights_for_tests=True, bf16=False)
+    cfg = Sam2Config(device="cpu", image_size=256, random_weights_for_tests=True, bf16=False, confirm_steps=0)
     tracker = Sam2Tracker(load_sam2_model(cfg), cfg, lost_after_s=2.0, camera="hall")
     frame = Frame("hall", 75, 7.5, 0.0, img)
     update = tracker.update(frame, Detections(np.array([[372, 33, 540, 389]], np.float32), np.array([0.9], np.float32)))

@@ -96,6 +96,39 @@ class Metrics:
             f"{NS}_cameras_configured", "Cameras in the configuration, over all shards.", registry=r
         )
 
+        # SAM2 server (one worker per device serving every camera; see daemon/tracking/sam2_server.py)
+        self.sam2_queue_wait = Histogram(
+            f"{NS}_sam2_queue_wait_seconds",
+            "Time a camera's request waited for the SAM2 worker (what the per-model lock used to cost).",
+            ["camera"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.sam2_tick_seconds = Histogram(
+            f"{NS}_sam2_tick_seconds", "One SAM2 worker tick (all cameras served together).",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.sam2_people = Gauge(f"{NS}_sam2_people", "People the SAM2 server tracks over all cameras.", registry=r)
+        self.sam2_people_budget = Gauge(
+            f"{NS}_sam2_people_budget", "Most people the SAM2 server tracks at once (tracker.sam2.max_people_total).",
+            registry=r,
+        )
+        self.sam2_people_rejected = Counter(
+            f"{NS}_sam2_people_rejected", "New people not tracked because a person budget was full (overload).",
+            ["camera"], registry=r,
+        )
+        self.sam2_reanchors = Counter(
+            f"{NS}_sam2_reanchors", "People re-prompted from the detector, by reason (lost, disagree, age).",
+            ["camera", "reason"], registry=r,
+        )
+        self.sam2_resets = Counter(
+            f"{NS}_sam2_resets", "SAM2 camera state dropped on a stream discontinuity or a failed tick.",
+            ["camera", "reason"], registry=r,
+        )
+        self.sam2_tentative_dropped = Counter(
+            f"{NS}_sam2_tentative_dropped", "New tracks dropped before confirmation, by reason (lost, duplicate).",
+            ["camera", "reason"], registry=r,
+        )
+
+
     def camera(self, camera: str) -> CameraMetrics:
         """The series of one camera, bound once (the per-frame path does no label lookups)."""
         return CameraMetrics(self, camera)

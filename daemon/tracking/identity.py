@@ -35,6 +35,7 @@ back as tracker id 8 near where they would be; then the tracker ends 8 and no on
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import cv2
@@ -122,7 +123,7 @@ class IdentityKeeper:
             person = self._people[self._by_tracker[p.track_id]]
             self._observe(person, p, now, frame.image, update.people)
             person.confirmed = person.confirmed or p.confirmed
-            out.append(TrackedPerson(person.id, p.bbox, p.score, p.mask, person.confirmed))
+            out.append(dataclasses.replace(p, track_id=person.id, confirmed=person.confirmed))
         ended = []
         seen = {q.track_id for q in out}
         for pid, person in list(self._people.items()):
