@@ -21,6 +21,7 @@ from daemon.detector import PersonDetector
 from daemon.draw import MaskMemory, encode_jpeg, render_snapshot
 from daemon.events import Event, EventFactory, RegionTransition
 from daemon.framebuffer import FrameBuffer
+from daemon.ops.links import public_base_url
 from daemon.ops.metrics import Metrics
 from daemon.ops.preview import attach_preview
 from daemon.ops.runtime import Ops
@@ -30,8 +31,10 @@ from daemon.regions import RegionLogic
 from daemon.sinks.base import Sink
 from daemon.sinks.jsonl import JsonlSink
 from daemon.sinks.stdout import StdoutSink
+from daemon.snapshots import SnapshotStore
 from daemon.sources import SourceState, open_source
 from daemon.state import SeqStore
+from daemon.switches import DetectionSwitches
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +56,20 @@ def build_tracker(settings: Settings, camera: CameraConfig, shared: dict):
     return Sam2Tracker(shared["sam2"], t.sam2, lost_after_s=t.lost_after_s, camera=camera.id)
 
 
-def build_sinks(settings: Settings, metrics: Metrics) -> list[Sink]:
-    """Every configured sink; all of them receive the same events."""
+def build_sinks(settings: Settings, metrics: Metrics, *, device=None, on_detection=None) -> list[Sink]:
+    """Every configured sink; all of them receive the same events.
+
+    ``device`` (a :class:`daemon.sinks.mqtt.DeviceInfo`) describes the cameras to Home Assistant;
+    ``on_detection(camera, enabled)`` is called for detection switch commands (MQTT).
+    """
     sinks: list[Sink] = []
     state_dir = Path(settings.state.dir)
     if settings.sinks.mqtt.enabled:
         # First: its durable outbox holds every event before any other sink shows it.
         from daemon.sinks.mqtt import MqttSink
 
-        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras))
+        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras, device=device,
+                              on_detection=on_detection))
     if settings.sinks.stdout.enabled:
         sinks.append(StdoutSink())
     if settings.sinks.jsonl.path:
@@ -103,6 +111,7 @@ class CameraPipeline:
         self._masks = MaskMemory(keep_s=app.settings.events.debounce_s + 2.0)  # entry-snapshot masks
         self._next_detection_pts = float("-inf")
         self._tracks: set[int] = set()
+        self._paused = False  # detection switched off (see _pause)
         self._thread = threading.Thread(target=self._run, name=f"pipeline-{cam.id}", daemon=True)
         self.done = threading.Event()
 
@@ -165,6 +174,9 @@ class CameraPipeline:
         n, nbytes = self.buffer.stats()
         m.frames_buffered.labels(cam).set(n)
         m.buffer_bytes.labels(cam).set(nbytes)
+        if self.app.detection_paused(cam):  # the camera's detection switch is off
+            return self._pause(frame)
+        self._paused = False
 
         detections = None
         if frame.pts_s + 1e-6 >= self._next_detection_pts:
@@ -184,6 +196,7 @@ class CameraPipeline:
             return
         m.tracker_seconds.labels(cam).observe(time.perf_counter() - t0)
         m.people_tracked.labels(cam).set(self.tracker.active)
+        self.app.people_in_view(cam, len(update.people))
         new = {p.track_id for p in update.people} - self._tracks
         m.tracks_started.labels(cam).inc(len(new))
         m.tracks_ended.labels(cam).inc(len(update.ended))
@@ -195,6 +208,21 @@ class CameraPipeline:
             self._emit_all(transitions)
             self._publish_occupancy()
         self._notify(frame, update, transitions)
+
+    def _pause(self, frame: Frame) -> None:
+        """Detection is switched off: end every track once (exits, occupancy and people 0), then
+        only pass frames on to the observers (preview) until it is switched on again."""
+        if not self._paused:
+            self._paused = True
+            update = self.tracker.finish(frame)
+            self._emit_all(self.refiner.process(self.regions.update(update) if update else []))
+            self._emit_all(self.refiner.process(self.regions.finish()))
+            self._publish_occupancy()
+            self.app.people_in_view(self.cam.id, 0)
+            self.app.metrics.people_tracked.labels(self.cam.id).set(0)
+            self._tracks.clear()
+            self._next_detection_pts = float("-inf")  # detect at once when switched on again
+        self._notify(frame, None, [])
 
     def _notify(self, frame: Frame, update: TrackUpdate | None, transitions: list[RegionTransition]) -> None:
         for observer in list(self.observers):
@@ -241,6 +269,9 @@ class App:
         self.failed: list[str] = []
         self._emit_locks: dict[str, threading.Lock] = {c.id: threading.Lock() for c in settings.cameras}
         self._occupancy: dict[tuple[str, str], int] = {}
+        self._people: dict[str, int] = {}
+        self.switches: DetectionSwitches | None = None  # per-camera detection on/off (MQTT switch)
+        self.snapshots: SnapshotStore | None = None  # entry snapshots by event id (HTTP)
         self._events: EventFactory | None = None
         self._seq: SeqStore | None = None
         self.ops = Ops(settings.metrics, self.metrics)  # /metrics, /healthz, /readyz, sd_notify
@@ -261,7 +292,18 @@ class App:
         trackers = [build_tracker(s, c, shared) for c in cams]
         self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync)
         self._events = EventFactory(self._seq)
-        self.sinks = build_sinks(s, self.metrics)
+        self.switches = DetectionSwitches(s.state.dir, [c.id for c in cams])
+        base_url = public_base_url(s.metrics, self.ops.server)
+        self.snapshots = SnapshotStore(
+            Path(s.state.dir) / "event-snapshots", keep_days=s.snapshots.keep_days, keep_mb=s.snapshots.keep_mb,
+            base_url=base_url if s.snapshots.keep and self.ops.server is not None else None,
+        )
+        if self.snapshots.keeping:
+            self.snapshots.mount(self.ops.server)  # /events/{id}/snapshot.jpg
+        self.sinks = build_sinks(s, self.metrics, device=self._device_info(base_url), on_detection=self.set_detection)
+        for c in cams:
+            for sink in self.sinks:
+                sink.detection_state(c.id, self.switches.enabled(c.id))
         self.pipelines = [CameraPipeline(self, c, t) for c, t in zip(cams, trackers)]
         self.preview = attach_preview(s.preview, self.ops.server, self.pipelines)  # [preview], off by default
         self.metrics.build.info(
@@ -277,6 +319,17 @@ class App:
                 self.metrics.occupancy.labels(c.id, r.id).set(0)
         self.ops.init_series(cams, [k.name for k in self.sinks])
         self.ops.loaded(f"models loaded ({self.detector.model_name}, {s.tracker.backend})")
+
+    def _device_info(self, base_url: str | None):
+        """What Home Assistant shows about each camera's device (the preview page, when on)."""
+        from daemon.sinks.mqtt.discovery import DeviceInfo
+
+        s = self.settings
+        return DeviceInfo(
+            sw_version=__version__,
+            model=f"{self.detector.model_name} + {s.tracker.backend}",
+            configuration_url=f"{base_url}/" if s.preview.enabled and base_url else None,
+        )
 
     def start(self) -> None:
         for p in self.pipelines:
@@ -335,6 +388,7 @@ class App:
     def emit(self, t: RegionTransition, snapshot: bytes | None) -> Event:
         with self._emit_locks[t.camera]:  # events stay in seq order per camera
             event = self._events.make(t)
+            event, snapshot = self.snapshots.attach(event, snapshot)  # names the event, kept by id
             self.metrics.events.labels(t.camera, t.region, t.type).inc()
             for sink in self.sinks:
                 try:
@@ -361,6 +415,32 @@ class App:
         self.metrics.stream_up.labels(camera).set(1 if name == "streaming" else 0)
         for sink in self.sinks:
             sink.stream_state(camera, name == "streaming")
+
+    def people_in_view(self, camera: str, count: int) -> None:
+        """People the tracker sees on the camera now (only changes reach the sinks)."""
+        if self._people.get(camera) == count:
+            return
+        self._people[camera] = count
+        for sink in self.sinks:
+            sink.people(camera, count)
+
+    def detection_paused(self, camera: str) -> bool:
+        return not self.switches.enabled(camera)
+
+    def set_detection(self, camera: str, enabled: bool) -> None:
+        """Switch detection on or off for a camera (an MQTT command); kept across restarts."""
+        try:
+            changed = self.switches.set(camera, enabled)
+        except KeyError:
+            log.warning("detection switch for unknown camera %r ignored", camera)
+            return
+        except OSError as e:  # still switched, only not remembered
+            log.warning("camera %s: cannot save the detection switch: %s", camera, e)
+            changed = True
+        if changed:
+            log.info("camera %s: detection switched %s", camera, "on" if enabled else "off")
+        for sink in self.sinks:
+            sink.detection_state(camera, enabled)
 
     def pipeline_failed(self, camera: str) -> None:
         self.failed.append(camera)
