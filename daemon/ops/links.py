@@ -37,5 +37,5 @@ def public_base_url(config, server) -> str | None:
         return None
     host, port = server.address
     if host in ("", "0.0.0.0", "::"):
-        host = socket.getfqdn()
+        host = socket.gethostname()  # no DNS lookup: it could stall the start
     return host_url(host, port)

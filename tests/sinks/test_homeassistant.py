@@ -226,7 +226,7 @@ def test_home_assistant_end_to_end(mosquitto, footage, yolo_model, regionwatch_b
         assert device["name"] == "Hall" and device["manufacturer"] == "regionwatch"
         assert device["sw_version"] == subprocess.run([str(regionwatch_bin), "--version"], capture_output=True,
                                                       text=True).stdout.split()[-1]
-        assert device["model"] == "yolov8n_int8 + bytetrack", device
+        assert device["model"] == f"{Path(yolo_model).name} + bytetrack", device
         assert device["configuration_url"] == f"http://127.0.0.1:{daemon.http_port}/"
         report["device"] = device
         assert states["binary_sensor.regionwatch_hall_stream"]["attributes"]["device_class"] == "connectivity"
