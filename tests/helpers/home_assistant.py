@@ -196,7 +196,7 @@ class HomeAssistant:
 
     def _onboard(self) -> None:
         status, body = self._request("POST", "/api/onboarding/users", {
-            "client_id": self.client_id, "name": "regionwatch test", "username": self.USER,
+            "client_id": self.client_id, "name": "Tester", "username": self.USER,
             "password": self.PASSWORD, "language": "en"}, auth=False)
         if status != 200:
             raise HomeAssistantUnavailable(f"onboarding failed: {status} {body}")

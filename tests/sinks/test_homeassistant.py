@@ -3,7 +3,7 @@
 Set-up (all on 127.0.0.1, started here): a mosquitto broker; Home Assistant headless, onboarded
 and given the MQTT integration through its HTTP API (``tests/helpers/home_assistant.py``, which
 installs it into a cached venv the first time); two GStreamer RTSP servers serving the sample
-footage ("hall" at 4x, "yard" at 2x); ``regionwatch run`` on them with discovery on.
+footage ("hall" at 2x, "yard" at 1x); ``regionwatch run`` on them with discovery on.
 
 Checked through Home Assistant's REST API (and a websocket recorder of every state change):
 
@@ -192,8 +192,8 @@ def test_home_assistant_end_to_end(mosquitto, footage, yolo_model, regionwatch_b
     except HomeAssistantUnavailable as e:
         ha.stop()
         pytest.skip(f"Home Assistant did not start: {e}")
-    hall = RtspServer(footage, speed=4, mount="/hall")
-    yard = RtspServer(footage, speed=2, mount="/yard")
+    hall = RtspServer(footage, speed=2, mount="/hall")
+    yard = RtspServer(footage, speed=1, mount="/yard")
     daemon = Daemon(regionwatch_bin, tmp_path, free_port())
     timeline_path = tmp_path / "timeline.jsonl"
     watcher = None
@@ -232,7 +232,7 @@ def test_home_assistant_end_to_end(mosquitto, footage, yolo_model, regionwatch_b
         assert states["binary_sensor.regionwatch_hall_stream"]["attributes"]["device_class"] == "connectivity"
         assert states["event.regionwatch_hall_events"]["attributes"]["event_types"] == ["entry", "exit"]
 
-        # -- 2. states follow the events (the whole hall clip: 35 s at 4x) ------------------------------
+        # -- 2. states follow the events (the hall clip takes 70 s at 2x) --------------------------------
         def hall_table_entries():
             return [e for e in daemon.events() if e["camera"] == "hall" and e["region"] == "table"
                     and e["type"] == "entry"]
@@ -269,7 +269,11 @@ def test_home_assistant_end_to_end(mosquitto, footage, yolo_model, regionwatch_b
         ha.wait(lambda st: st["switch.regionwatch_hall_detection"]["state"] == "off", 20, "switch off")
         ha.wait(lambda st: st["sensor.regionwatch_hall_people"]["state"] in ("0", "unavailable")
                 and st["sensor.regionwatch_hall_table_count"]["state"] in ("0", "unavailable"), 20, "people 0")
-        runs_before = daemon.metric("regionwatch_detector_runs_total", camera="hall")
+        # A detector run that began before the switch may still finish: let it.
+        settled = []
+        assert wait_until(lambda: settled.append(daemon.metric("regionwatch_detector_runs_total", camera="hall"))
+                          or settled[-4:] == [settled[-1]] * 4, 20, 0.5), settled
+        runs_before = settled[-1]
         yard_before = daemon.metric("regionwatch_detector_runs_total", camera="yard")
         time.sleep(3.0)
         assert daemon.metric("regionwatch_detector_runs_total", camera="hall") == runs_before

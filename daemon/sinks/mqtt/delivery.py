@@ -87,7 +87,6 @@ class Delivery:
         self.link = "connecting"
         """``connecting`` (no attempt finished yet), ``up``, or ``down`` (failed or lost since)."""
         self.connected = False
-        self.finished = False
         # Connection-scoped state (reset on every connect/disconnect).
         self.inflight: dict[int, tuple[str, Any]] = {}  # mid -> ("event", rowid) | ("retained", topic) | ...
         self.events_inflight = 0
@@ -144,16 +143,13 @@ class Delivery:
 
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        try:
-            while True:
-                try:
-                    self._loop()
-                    return
-                except Exception:  # never die silently; the outbox keeps every event meanwhile
-                    log.exception("MQTT delivery failed; retrying in 1 s")
-                    time.sleep(1.0)
-        finally:
-            self.finished = True
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception:  # never die silently; the outbox keeps every event meanwhile
+                log.exception("MQTT delivery failed; retrying in 1 s")
+                time.sleep(1.0)
 
     def _loop(self) -> None:
         while True:

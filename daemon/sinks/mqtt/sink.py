@@ -224,7 +224,7 @@ class MqttSink(Sink):
 
     @property
     def connected(self) -> bool:
-        return self.delivery.connected
+        return self.delivery.connected and not self._closed
 
     # -- helpers ---------------------------------------------------------------------------
     def _set(self, topic: str, payload: bytes) -> None:
