@@ -19,6 +19,7 @@ from daemon.config import CameraConfig, Settings
 from daemon.detector import PersonDetector
 from daemon.events import Event, EventFactory, RegionTransition
 from daemon.fleet import FleetPlan, Shard
+from daemon.ops.links import public_base_url
 from daemon.ops.metrics import Metrics
 from daemon.ops.preview import attach_preview
 from daemon.ops.runtime import Ops
@@ -26,8 +27,10 @@ from daemon.pipeline import CameraPipeline
 from daemon.sinks.base import Sink
 from daemon.sinks.jsonl import JsonlSink
 from daemon.sinks.stdout import StdoutSink
+from daemon.snapshots import SnapshotStore
 from daemon.sources import SourceState
 from daemon.state import SeqStore
+from daemon.switches import DetectionSwitches
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +47,22 @@ def build_tracker(settings: Settings, camera: CameraConfig, shared: dict, metric
     return build_sam2_tracker(settings, camera, shared, metrics=metrics)
 
 
-def build_sinks(settings: Settings, metrics: Metrics, shard: Shard | None = None) -> list[Sink]:
-    """Every configured sink; all of them receive the same events (``shard``: see daemon/fleet.py)."""
+def build_sinks(settings: Settings, metrics: Metrics, shard: Shard | None = None, *, device=None, on_detection=None,
+                elsewhere: tuple[str, ...] = ()) -> list[Sink]:
+    """Every configured sink; all of them receive the same events.
+
+    ``shard`` and ``elsewhere`` (cameras other replicas run): see daemon/fleet.py. ``device`` (a
+    :class:`daemon.sinks.mqtt.DeviceInfo`) describes the cameras to Home Assistant;
+    ``on_detection(camera, enabled)`` is called for detection switch commands (MQTT).
+    """
     sinks: list[Sink] = []
     state_dir = Path(settings.state.dir)
     if settings.sinks.mqtt.enabled:
         # First: its durable outbox holds every event before any other sink shows it.
         from daemon.sinks.mqtt import MqttSink
 
-        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras, shard=shard))
+        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras, device=device,
+                              on_detection=on_detection, shard=shard, elsewhere=elsewhere))
     if settings.sinks.stdout.enabled:
         sinks.append(StdoutSink())
     if settings.sinks.jsonl.path:
@@ -76,6 +86,9 @@ class App:
         self.failed: list[str] = []
         self._emit_locks: dict[str, threading.Lock] = {c.id: threading.Lock() for c in settings.cameras}
         self._occupancy: dict[tuple[str, str], int] = {}
+        self._people: dict[str, int] = {}
+        self.switches: DetectionSwitches | None = None  # per-camera detection on/off (MQTT switch)
+        self.snapshots: SnapshotStore | None = None  # entry snapshots by event id (HTTP)
         self._events: EventFactory | None = None
         self._seq: SeqStore | None = None
         self.ops = Ops(settings.metrics, self.metrics)  # /metrics, /healthz, /readyz, sd_notify
@@ -97,7 +110,19 @@ class App:
         self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync)
         self.fleet.release(self._seq)  # cameras now run by other shards: numbering restarts there
         self._events = EventFactory(self._seq)
-        self.sinks = build_sinks(s, self.metrics, self.fleet.shard)
+        self.switches = DetectionSwitches(s.state.dir, [c.id for c in cams])
+        base_url = public_base_url(s.metrics, self.ops.server)
+        self.snapshots = SnapshotStore(
+            Path(s.state.dir) / "event-snapshots", keep_days=s.snapshots.keep_days, keep_mb=s.snapshots.keep_mb,
+            base_url=base_url if s.snapshots.keep and self.ops.server is not None else None,
+        )
+        if self.snapshots.keeping:
+            self.snapshots.mount(self.ops.server)  # /events/{id}/snapshot.jpg
+        self.sinks = build_sinks(s, self.metrics, self.fleet.shard, device=self._device_info(base_url),
+                                 on_detection=self.set_detection, elsewhere=self.fleet.others)
+        for c in cams:
+            for sink in self.sinks:
+                sink.detection_state(c.id, self.switches.enabled(c.id))
         self.pipelines = [
             CameraPipeline(c, s, detector=self.detector, tracker=t, output=self, metrics=self.metrics.camera(c.id),
                            stopping=self.stopping)
@@ -118,6 +143,17 @@ class App:
                 self.metrics.occupancy.labels(c.id, r.id).set(0)
         self.ops.init_series(cams, [k.name for k in self.sinks])
         self.ops.loaded(f"models loaded ({self.detector.model_name}, {s.tracker.backend})")
+
+    def _device_info(self, base_url: str | None):
+        """What Home Assistant shows about each camera's device (the preview page, when on)."""
+        from daemon.sinks.mqtt.discovery import DeviceInfo
+
+        s = self.settings
+        return DeviceInfo(
+            sw_version=__version__,
+            model=f"{self.detector.model_name} + {s.tracker.backend}",
+            configuration_url=f"{base_url}/" if s.preview.enabled and base_url else None,
+        )
 
     def start(self) -> None:
         for p in self.pipelines:
@@ -177,6 +213,7 @@ class App:
     def emit(self, t: RegionTransition, snapshot: bytes | None) -> Event:
         with self._emit_locks[t.camera]:  # events stay in seq order per camera
             event = self._events.make(t)
+            event, snapshot = self.snapshots.attach(event, snapshot)  # names the event, kept by id
             self.metrics.events.labels(t.camera, t.region, t.type).inc()
             for sink in self.sinks:
                 try:
@@ -203,6 +240,32 @@ class App:
         self.metrics.stream_up.labels(camera).set(1 if name == "streaming" else 0)
         for sink in self.sinks:
             sink.stream_state(camera, name == "streaming")
+
+    def people_in_view(self, camera: str, count: int) -> None:
+        """People the tracker sees on the camera now (only changes reach the sinks)."""
+        if self._people.get(camera) == count:
+            return
+        self._people[camera] = count
+        for sink in self.sinks:
+            sink.people(camera, count)
+
+    def detection_paused(self, camera: str) -> bool:
+        return not self.switches.enabled(camera)
+
+    def set_detection(self, camera: str, enabled: bool) -> None:
+        """Switch detection on or off for a camera (an MQTT command); kept across restarts."""
+        try:
+            changed = self.switches.set(camera, enabled)
+        except KeyError:
+            log.warning("detection switch for unknown camera %r ignored", camera)
+            return
+        except OSError as e:  # still switched, only not remembered
+            log.warning("camera %s: cannot save the detection switch: %s", camera, e)
+            changed = True
+        if changed:
+            log.info("camera %s: detection switched %s", camera, "on" if enabled else "off")
+        for sink in self.sinks:
+            sink.detection_state(camera, enabled)
 
     def pipeline_failed(self, camera: str) -> None:
         self.failed.append(camera)

@@ -43,6 +43,9 @@ Identifier = Annotated[
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
 
+DisplayName = Annotated[str, Field(max_length=64, pattern=r"^[^\x00-\x1f]*$")]
+"""Optional human-readable name (Home Assistant shows it); empty: the id is used."""
+
 
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, values are re-validated on assignment."""
@@ -204,6 +207,7 @@ class RegionConfig(Section):
     """[[cameras.regions]]: a polygon in the camera's pixel coordinates."""
 
     id: Identifier
+    name: DisplayName = ""
     polygon: list[list[float]]
     anchor: Literal["bottom_center", "center", "bbox_overlap", "mask_overlap"] = "bottom_center"
     min_overlap: float = Field(0.5, gt=0, le=1)
@@ -213,11 +217,16 @@ class RegionConfig(Section):
     def _polygon(cls, v: list[list[float]]) -> list[list[float]]:
         return [list(p) for p in validate_polygon(v)]
 
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
 
 class CameraConfig(Section):
     """[[cameras]]: one video source (file path or rtsp:// URL) and its regions."""
 
     id: Identifier
+    name: DisplayName = ""
     url: str = Field(min_length=1)
     enabled: bool = True
     realtime: bool = False
@@ -241,6 +250,10 @@ class CameraConfig(Section):
     @property
     def safe_url(self) -> str:
         return redact_url(self.url)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
 
     @field_validator("url")
     @classmethod
@@ -304,6 +317,7 @@ class MqttSinkConfig(Section):
     discovery_prefix: str = "homeassistant"
     reconnect_min_s: PositiveSeconds = 1.0
     reconnect_max_s: PositiveSeconds = 30.0
+    stats_interval_s: float = Field(60.0, ge=0, le=86400)  # 0: no stats messages
 
 
 class SinksConfig(Section):
@@ -329,6 +343,17 @@ class MetricsConfig(Section):
     enabled: bool = True
     listen: str = Field("127.0.0.1:9108", pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]*):\d{1,5}$")
     linger_s: float = Field(0.0, ge=0, le=3600)  # file-only runs: keep serving this long after the end
+    # How others reach the listener (snapshot links in events, Home Assistant's device page);
+    # empty: http://<listen address> (a wildcard address becomes this machine's host name).
+    public_url: str = Field("", pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
+
+
+class SnapshotsConfig(Section):
+    """[snapshots]: entry snapshots kept on disk and served by event id on the HTTP listener."""
+
+    keep: bool = True
+    keep_days: float = Field(7.0, gt=0, le=3650)
+    keep_mb: float = Field(512.0, gt=0, le=1048576)
 
 
 class PreviewConfig(Section):
@@ -379,6 +404,7 @@ class Settings(BaseSettings):
     state: StateConfig = StateConfig()
     metrics: MetricsConfig = MetricsConfig()
     preview: PreviewConfig = PreviewConfig()
+    snapshots: SnapshotsConfig = SnapshotsConfig()
     logging: LoggingConfig = LoggingConfig()
     fleet: FleetConfig = FleetConfig()
     cameras: list[CameraConfig] = Field(min_length=1)

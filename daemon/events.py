@@ -81,6 +81,7 @@ class Event:
     mask_bbox: list[float] | None = None
     mask_polygon: list[list[float]] | None = None
     snapshot: str | None = None
+    snapshot_url: str | None = None
     schema: str = field(default=SCHEMA_ID)
 
     def to_dict(self) -> dict:
@@ -140,6 +141,7 @@ def json_schema() -> dict:
     props["seq"]["minimum"] = 1
     props["id"]["format"] = "uuid"
     props["time"]["format"] = "date-time"
+    props["snapshot_url"]["format"] = "uri"
     # Optional fields are omitted rather than null in the JSON we emit.
     for name, prop in props.items():
         if "anyOf" in prop and {"type": "null"} in prop["anyOf"]:

@@ -53,6 +53,10 @@ class PipelineOutput(Protocol):
 
     def stream_state_changed(self, camera: str, state) -> None: ...
 
+    def people_in_view(self, camera: str, count: int) -> None: ...
+
+    def detection_paused(self, camera: str) -> bool: ...
+
     def pipeline_failed(self, camera: str) -> None: ...
 
 
@@ -62,6 +66,10 @@ class DetectorSchedule:
     def __init__(self, interval_s: float, tracking_interval_s: float):
         self.interval_s = interval_s
         self.tracking_interval_s = min(tracking_interval_s, interval_s)
+        self._last = float("-inf")
+
+    def reset(self) -> None:
+        """Run on the next frame (detection switched back on)."""
         self._last = float("-inf")
 
     def due(self, pts_s: float, *, tracking: bool, wants: bool) -> bool:
@@ -124,6 +132,7 @@ class CameraPipeline:
         self.observers: list[Observer] = []
         self._masks = MaskMemory(keep_s=settings.events.debounce_s + 2.0)  # entry-snapshot masks
         self._tracks: set[int] = set()
+        self._paused = False  # detection switched off (see _pause)
         self._thread = threading.Thread(target=self._run, name=f"pipeline-{cam.id}", daemon=True)
         self.done = threading.Event()
 
@@ -182,6 +191,9 @@ class CameraPipeline:
         n, nbytes = self.buffer.stats()
         m.frames_buffered.set(n)
         m.buffer_bytes.set(nbytes)
+        if self.output.detection_paused(self.cam.id):  # the camera's detection switch is off
+            return self._pause(frame)
+        self._paused = False
 
         detections = None
         if self.schedule.due(frame.pts_s, tracking=self.identity.active > 0,
@@ -204,13 +216,25 @@ class CameraPipeline:
         m.tracker_seconds.observe(time.perf_counter() - t0)
         self._step(frame, update)
 
-    def finish(self) -> None:
-        """End of stream: end every track (exits at their last sighting)."""
-        update = self.identity.finish(self.tracker.finish(self.last_frame))
+    def finish(self, frame: Frame | None = None) -> None:
+        """End of stream (or detection paused): end every track, exits at their last sighting."""
+        update = self.identity.finish(self.tracker.finish(frame or self.last_frame))
         if update is not None:
             self._step(update.frame, update, notify=False)
         self._emit_all(self.refiner.process(self.regions.finish()))
         self._publish_occupancy()
+        self.output.people_in_view(self.cam.id, 0)
+
+    def _pause(self, frame: Frame) -> None:
+        """Detection is switched off: end every track once (exits, occupancy and people 0), then
+        only pass frames on to the observers (preview) until it is switched on again."""
+        if not self._paused:
+            self._paused = True
+            self.finish(frame)
+            self.metrics.people_tracked.set(0)
+            self._tracks.clear()
+            self.schedule.reset()  # detect at once when switched on again
+        self._notify(frame, None, [])
 
     def _step(self, frame: Frame, update: TrackUpdate, *, notify: bool = True) -> None:
         m = self.metrics
@@ -225,6 +249,7 @@ class CameraPipeline:
         if transitions:
             self._emit_all(transitions)
             self._publish_occupancy()
+        self.output.people_in_view(self.cam.id, len(update.people))
         if notify:
             self._notify(frame, update, transitions)
 

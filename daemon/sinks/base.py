@@ -24,6 +24,12 @@ class Sink:
     def stream_state(self, camera: str, online: bool) -> None:
         """A camera's stream went online or offline (default: ignored)."""
 
+    def people(self, camera: str, count: int) -> None:
+        """Number of people in the camera's view changed (default: ignored)."""
+
+    def detection_state(self, camera: str, enabled: bool) -> None:
+        """A camera's detection was switched on or off (default: ignored)."""
+
     def flush(self) -> None:
         """Make everything published so far durable / delivered as far as the sink can."""
 

@@ -227,8 +227,37 @@ def test_sink_of_a_shard_uses_its_own_client_id_status_topic_and_discovery_avail
     discovery = [json.loads(m.payload) for m in col.all() if m.topic.startswith("homeassistant/")]
     assert discovery and all(d["availability"][0]["topic"] == "site/shard/4/status" for d in discovery)
     # Entity ids come from the fleet-wide client id: a camera keeps its entities when it moves.
-    assert {d["unique_id"] for d in discovery} == {"rw_hall_table_occupied", "rw_hall_table_count"}
+    ids = {d["unique_id"] for d in discovery}
+    assert {"rw_hall_table_occupied", "rw_hall_table_count", "rw_hall_people"} <= ids
+    assert all(i.startswith("rw_hall_") for i in ids)
     assert not col.on("site/status")
+
+
+def test_a_replica_never_clears_the_topics_of_cameras_other_replicas_now_run(tmp_path, mosquitto, collector):
+    """Fleet resized: "yard" moved from this replica to another. Restarting, this replica clears
+    its own stale topics (a removed region) but leaves yard's discovery and state alone."""
+    broker = mosquitto()
+    clip = tmp_path / "v.mp4"
+    clip.write_bytes(b"")
+    poly = [[0, 0], [9, 0], [9, 9]]
+    hall = CameraConfig(id="hall", url=str(clip), regions=[{"id": "table", "polygon": poly}, {"id": "door", "polygon": poly}])
+    yard = CameraConfig(id="yard", url=str(clip), regions=[{"id": "gate", "polygon": poly}])
+    cfg = MqttSinkConfig(enabled=True, port=broker.port, client_id="rw", topic_prefix="site",
+                         homeassistant_discovery=True)
+    state = StateConfig(dir=str(tmp_path / "state"))
+    before = MqttSink(cfg, state, Metrics(), [hall, yard], shard=Shard(0, 2))
+    before.close()
+    col = collector(broker, "#")
+    hall_now = CameraConfig(id="hall", url=str(clip), regions=[{"id": "table", "polygon": poly}])
+    after = MqttSink(cfg, state, Metrics(), [hall_now], shard=Shard(0, 3), elsewhere=("yard",))
+    try:
+        assert col.wait_for(lambda c: [m.text for m in c.on("site/shard/0/status")][-1:] == ["online"], 10)
+    finally:
+        after.close()
+    cleared = {m.topic for m in col.all() if m.payload == b""}  # an empty retained message clears a topic
+    assert "site/hall/door/occupancy" in cleared
+    assert "homeassistant/binary_sensor/rw/hall_door_occupied/config" in cleared
+    assert not [t for t in cleared if "yard" in t], cleared
 
 
 def test_growing_the_fleet_old_replica_still_delivers_a_moved_cameras_outbox(tmp_path, mosquitto, collector):

@@ -152,18 +152,33 @@ def test_round_trip_of_every_topic(mosquitto, collector, tmp_path, protocol, qos
         assert ev[0].content_type == "application/json"
     else:
         assert snaps[0].user_properties == {}
-    # Home Assistant discovery: a binary sensor and a sensor per region, fed by occupancy.
+    # Per region: the latest entry snapshot, on both protocols (the JPEG's comment names the event
+    # in the daemon; here the sink gets plain bytes).
+    assert [x.payload for x in col.on(f"{PREFIX}/hall/table/snapshot")] == [JPEG]
+    assert [x.payload for x in col.on(f"{PREFIX}/yard/door/snapshot")] == [JPEG + b"2"]
+    assert col.on(f"{PREFIX}/hall/door/snapshot") == []
+    # People in view start at 0 for every camera.
+    assert [x.text for x in col.on(f"{PREFIX}/hall/people")] == ["0"]
+    # Home Assistant discovery: per camera and per region (contents: tests/sinks/test_mqtt_ha.py).
     disc = {x.topic: json.loads(x.payload) for x in col.all() if x.topic.startswith("homeassistant/")}
+    per_camera = [("sensor", "people"), ("binary_sensor", "stream"), ("image", "snapshot"), ("event", "events"),
+                  ("switch", "detection"), ("sensor", "fps")]
+    per_region = [("binary_sensor", "occupied"), ("sensor", "count"), ("image", "snapshot")]
     assert sorted(disc) == sorted(
-        f"homeassistant/{kind}/regionwatch-test/{cam}_{region}_{suffix}/config"
-        for cam, region in (("hall", "table"), ("hall", "door"), ("yard", "door"))
-        for kind, suffix in (("binary_sensor", "occupied"), ("sensor", "count"))
+        [f"homeassistant/{kind}/regionwatch-test/{cam}_{region}_{suffix}/config"
+         for cam, region in (("hall", "table"), ("hall", "door"), ("yard", "door"))
+         for kind, suffix in per_region]
+        + [f"homeassistant/{kind}/regionwatch-test/{cam}_{suffix}/config"
+           for cam in ("hall", "yard") for kind, suffix in per_camera]
     )
     b = disc["homeassistant/binary_sensor/regionwatch-test/hall_table_occupied/config"]
     assert b["state_topic"] == f"{PREFIX}/hall/table/occupancy" and b["device_class"] == "occupancy"
-    assert b["availability"][0]["topic"] == f"{PREFIX}/status"
+    assert [a["topic"] for a in b["availability"]] == [f"{PREFIX}/status", f"{PREFIX}/hall/stream"]
     s = disc["homeassistant/sensor/regionwatch-test/hall_table_count/config"]
     assert s["state_topic"] == f"{PREFIX}/hall/table/occupancy" and s["unique_id"] != b["unique_id"]
+    # Discovery (with the rest of the retained state) is acknowledged before "online".
+    topics = [x.topic for x in col.all()]
+    assert topics.index(f"{PREFIX}/status") > max(topics.index(t) for t in disc)
     # Retained state as a late subscriber sees it.
     late = collector(broker)
     assert late.wait_for(lambda c: len(c.on(f"{PREFIX}/hall/snapshot")) == 1
