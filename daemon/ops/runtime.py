@@ -58,7 +58,8 @@ class Ops:
         self.health = Health(metrics=metrics, heartbeat_timeout_s=heartbeat_timeout_s)
         self.notifier = SystemdNotifier(env)
         self.server: OpsServer | None = (
-            OpsServer(config.listen, metrics=metrics, health=self.health) if config.enabled else None
+            OpsServer(config.listen, metrics=metrics, health=self.health, allowed_hosts=config.allowed_hosts)
+            if config.enabled else None
         )
         self.status_every_s = status_every_s
         self._last_status = float("-inf")

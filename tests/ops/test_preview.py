@@ -373,3 +373,54 @@ def test_daemon_preview_in_headless_chromium(daemon, tmp_path):
     daemon.errlog.seek(0)
     err = daemon.errlog.read()
     assert "live preview enabled" in err and "Traceback" not in err
+
+
+def test_clients_that_stop_reading_do_not_lock_out_viewers(frames, footage):
+    """Probe: 8 non-reading MJPEG clients used to hold every slot (and a server thread each) forever."""
+    hall = CameraConfig(id="hall", url=str(footage), regions=[RegionConfig(id="table", polygon=POLYGON)])
+    srv = OpsServer("127.0.0.1:0", metrics=Metrics())
+    preview = Preview(PreviewConfig(enabled=True, max_fps=30.0), [hall], max_clients=8)
+    preview.mount(srv)
+    srv.start()
+    stop = threading.Event()
+
+    def feed():
+        i = 0
+        while not stop.wait(0.04):
+            preview.observer("hall")(Frame("hall", i, i / 25, time.time(), frames[i % len(frames)]), None, [])
+            i += 1
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    url = f"{srv.url}/cameras/hall/preview.mjpeg"
+    hogs = []
+    try:
+        for _ in range(8):  # take every slot, read the response headers, then never read again
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", srv.port))
+            s.sendall(b"GET /cameras/hall/preview.mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+            hogs.append(s)
+        assert wait_until(lambda: preview.clients == 8)
+        t0 = time.monotonic()
+        reader = None
+        while reader is None and time.monotonic() - t0 < 60:
+            assert get(f"{srv.url}/metrics")[0] == 200  # never starved by the streams
+            try:
+                reader = MjpegReader(url)
+            except urllib.error.HTTPError as e:
+                assert e.code == 503
+                time.sleep(0.5)
+        assert reader is not None, "a viewer stayed locked out by clients that do not read"
+        waited = time.monotonic() - t0
+        imgs = [decode_jpeg(reader.next_jpeg()) for _ in range(3)]
+        assert all(img.shape == (432, 768, 3) for img in imgs)
+        reader.close()
+        print(f"\na new viewer got a slot {waited:.1f} s after 8 non-reading clients took them all")
+    finally:
+        for s in hogs:
+            s.close()
+        stop.set()
+        feeder.join(5)
+        srv.stop()
