@@ -24,6 +24,7 @@ from daemon.framebuffer import FrameBuffer
 from daemon.ops.metrics import Metrics
 from daemon.ops.preview import attach_preview
 from daemon.ops.runtime import Ops
+from daemon.preflight import preflight
 from daemon.records import Frame, TrackUpdate
 from daemon.refine import EntryRefiner
 from daemon.regions import RegionLogic
@@ -32,6 +33,7 @@ from daemon.sinks.jsonl import JsonlSink
 from daemon.sinks.stdout import StdoutSink
 from daemon.sources import SourceState, open_source
 from daemon.state import SeqStore
+from daemon.statedir import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def build_tracker(settings: Settings, camera: CameraConfig, shared: dict):
     return Sam2Tracker(shared["sam2"], t.sam2, lost_after_s=t.lost_after_s, camera=camera.id)
 
 
-def build_sinks(settings: Settings, metrics: Metrics) -> list[Sink]:
+def build_sinks(settings: Settings, metrics: Metrics, state: StateDir | None = None) -> list[Sink]:
     """Every configured sink; all of them receive the same events."""
     sinks: list[Sink] = []
     state_dir = Path(settings.state.dir)
@@ -61,12 +63,12 @@ def build_sinks(settings: Settings, metrics: Metrics) -> list[Sink]:
         # First: its durable outbox holds every event before any other sink shows it.
         from daemon.sinks.mqtt import MqttSink
 
-        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras))
+        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras, state_dir=state))
     if settings.sinks.stdout.enabled:
         sinks.append(StdoutSink())
     if settings.sinks.jsonl.path:
         snap_dir = state_dir / "snapshots" if settings.sinks.jsonl.snapshots else None
-        sinks.append(JsonlSink(settings.sinks.jsonl.path, snapshots_dir=snap_dir))
+        sinks.append(JsonlSink(settings.sinks.jsonl.path, snapshots_dir=snap_dir, health=state and state.health))
     return sinks
 
 
@@ -243,6 +245,7 @@ class App:
         self._occupancy: dict[tuple[str, str], int] = {}
         self._events: EventFactory | None = None
         self._seq: SeqStore | None = None
+        self.state: StateDir | None = None  # the locked, checked state folder (from load)
         self.ops = Ops(settings.metrics, self.metrics)  # /metrics, /healthz, /readyz, sd_notify
         self.preview = None  # daemon.ops.preview.Preview once loaded, when [preview] enabled
 
@@ -251,6 +254,10 @@ class App:
         """Load models and build every stage (slow: model loading). Raises on bad models."""
         s = self.settings
         d = s.detector
+        # I/O preconditions and the state folder's lock and integrity, before any model loads:
+        # raises PreflightError (section.key problems).
+        self.state = preflight(s, self.metrics)
+        self.ops.health.add_check(self.state.health.problems)  # not ready while the state disk fails
         self.ops.start(lambda: {p.cam.id: p.source.state for p in self.pipelines})
         self.detector = PersonDetector(
             d.model, confidence=d.confidence, iou=d.iou, imgsz=d.imgsz, device=d.device,
@@ -259,9 +266,10 @@ class App:
         shared: dict = {}
         cams = [c for c in s.cameras if c.enabled]
         trackers = [build_tracker(s, c, shared) for c in cams]
-        self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync)
+        self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync, health=self.state.health,
+                             floor=self.state.seq_floor)
         self._events = EventFactory(self._seq)
-        self.sinks = build_sinks(s, self.metrics)
+        self.sinks = build_sinks(s, self.metrics, self.state)
         self.pipelines = [CameraPipeline(self, c, t) for c, t in zip(cams, trackers)]
         self.preview = attach_preview(s.preview, self.ops.server, self.pipelines)  # [preview], off by default
         self.metrics.build.info(
@@ -329,6 +337,8 @@ class App:
                 log.exception("sink %s: close failed", sink.name)
         if self._seq:
             self._seq.close()
+        if self.state:
+            self.state.close()
         self.ops.close()
 
     # -- callbacks from pipelines ---------------------------------------------------------

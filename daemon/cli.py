@@ -70,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or settings.logging.level, settings.logging.format)
     from daemon.app import App
     from daemon.detector import ModelLoadError
+    from daemon.preflight import PreflightError
     from daemon.sinks.mqtt import MqttConfigError
 
     app = App(settings)
@@ -83,12 +84,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         app.load()
+    except PreflightError as e:  # state folder, JSONL path, listen port: checked before models load
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        app.shutdown()
+        return 2
     except MqttConfigError as e:  # e.g. the password file is missing: a configuration problem
         print(f"sinks.mqtt: {e}", file=sys.stderr)
         app.shutdown()
         return 2
     except (ModelLoadError, FileNotFoundError, RuntimeError) as e:
         log.error("%s", e)
+        app.shutdown()
+        return 1
+    except Exception as e:  # anything else at start: one clear line (the traceback at DEBUG)
+        log.error("startup failed: %s: %s", type(e).__name__, e)
+        log.debug("startup failure", exc_info=True)
         app.shutdown()
         return 1
     cams = ", ".join(p.cam.id for p in app.pipelines)

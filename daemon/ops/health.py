@@ -3,7 +3,9 @@
 The app tells a :class:`Health` what happens (models loaded, the main loop turned) and gives it
 a provider of per-camera stream states; the HTTP listener asks it. ``healthz`` answers "is the
 process alive and its main loop turning?" (restart me if not); ``readyz`` answers "are the models
-loaded and is at least one camera streaming?" (do not count on my output yet if not).
+loaded and is at least one camera streaming?" (do not count on my output yet if not). Other
+parts add conditions with :meth:`Health.add_check` (the state stores: not ready while their disk
+fails).
 
 Example:
     >>> h = Health(heartbeat_timeout_s=30)
@@ -70,6 +72,7 @@ class Health:
         self._models_loaded = False
         self._streams: StreamStates = dict
         self._stopping = False
+        self._checks: list[Callable[[], list[str]]] = []
         self._metrics = metrics
         if metrics is not None:
             metrics.ready.set_function(lambda: 1.0 if self.readyz()[0] else 0.0)
@@ -92,6 +95,11 @@ class Health:
         """Where to read per-camera stream states from (called at each ``readyz``)."""
         with self._lock:
             self._streams = provider
+
+    def add_check(self, check: Callable[[], list[str]]) -> None:
+        """Another readiness condition: ``check()`` returns the reasons it is not met (empty: met)."""
+        with self._lock:
+            self._checks.append(check)
 
     def set_stopping(self) -> None:
         """The daemon is shutting down: no longer ready (still alive)."""
@@ -125,7 +133,7 @@ class Health:
     def readyz(self) -> tuple[bool, dict[str, Any]]:
         """(ok, detail): models loaded and at least one camera streaming (not while stopping)."""
         with self._lock:
-            loaded, provider, stopping = self._models_loaded, self._streams, self._stopping
+            loaded, provider, stopping, checks = self._models_loaded, self._streams, self._stopping, list(self._checks)
         try:
             cameras = {str(cam): _state_name(state) for cam, state in provider().items()}
         except Exception as e:  # a broken provider must not break the probe
@@ -133,7 +141,8 @@ class Health:
         else:
             error = None
         streaming = sum(1 for s in cameras.values() if s == STREAMING)
-        ok = loaded and streaming > 0 and not stopping
+        failed_checks = [reason for check in checks for reason in check()]
+        ok = loaded and streaming > 0 and not stopping and not failed_checks
         reasons = []
         if not loaded:
             reasons.append("models not loaded")
@@ -141,6 +150,7 @@ class Health:
             reasons.append("no camera streaming")
         if stopping:
             reasons.append("stopping")
+        reasons += failed_checks
         detail: dict[str, Any] = {
             "status": "ready" if ok else "not ready",
             "models_loaded": loaded,

@@ -86,6 +86,17 @@ class Metrics:
         self.ready = Gauge(f"{NS}_ready", "1 when models are loaded and a camera streams.", registry=r)
         self.build = Info(f"{NS}_build", "Version, tracker backend and model names.", registry=r)
 
+        # State directory (seq store, outbox, snapshots): failed writes never stop delivery
+        self.state_errors = Counter(
+            f"{NS}_state_errors", "Failed writes to the state directory, by store.", ["store"], registry=r
+        )
+        self.state_degraded = Gauge(
+            f"{NS}_state_degraded", "1 while writes to the store fail (not durable).", ["store"], registry=r
+        )
+        self.outbox_memory = Gauge(
+            f"{NS}_outbox_memory_events", "Outbox events held only in memory (the state disk failed).", registry=r
+        )
+
     def exposition(self) -> bytes:
         """The text exposition format, as served on /metrics."""
         return generate_latest(self.registry)

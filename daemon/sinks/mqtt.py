@@ -208,6 +208,7 @@ class MqttSink(Sink):
         cameras: list[CameraConfig],
         *,
         environ: Mapping[str, str] | None = None,
+        state_dir=None,
     ):
         self.cfg = cfg
         self.topics = MqttTopics(cfg.topic_prefix)
@@ -221,6 +222,7 @@ class MqttSink(Sink):
             max_age_s=state.outbox_max_age_s,
             fsync=state.fsync,
             metrics=metrics,
+            state=state_dir,  # the daemon's locked StateDir (None: the outbox locks the folder itself)
         )
         self._q: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._state_lock = threading.Lock()
