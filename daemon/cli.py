@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import time
 
@@ -73,14 +72,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.preflight import PreflightError
     from daemon.sinks.mqtt import MqttConfigError
 
+    from daemon.ops.signals import SignalHandling
+
     app = App(settings)
-
-    def on_signal(signum, _frame):
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        app.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGTERM/SIGINT stop gracefully (twice: exit now); other fatal signals stop gracefully and
+    # exit 128+n; SIGHUP is logged and ignored (see daemon/ops/signals.py).
+    signals = SignalHandling(on_stop=app.request_stop)
+    signals.install()
     started = time.monotonic()
     try:
         app.load()
@@ -107,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     code = app.run()
     frames = sum(p.frames for p in app.pipelines)
     log.info("stopped after %.1f s, %d frames processed", time.monotonic() - started, frames)
-    return code
+    return signals.exit_code or code  # a fatal signal (SIGUSR1...) is a failure for the supervisor
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
