@@ -1,7 +1,8 @@
 """Command line: ``regionwatch run | annotate | check-config | schema | version``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. a model cannot be loaded), 2 invalid
-configuration or usage.
+configuration or usage (including I/O preconditions of ``run``: state folder, JSONL path, listen
+port), 128 + n after a fatal signal n (see :mod:`daemon.ops.signals`).
 """
 
 from __future__ import annotations
@@ -69,10 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or settings.logging.level, settings.logging.format)
     from daemon.app import App
     from daemon.detector import ModelLoadError
+    from daemon.ops.signals import SignalHandling
     from daemon.preflight import PreflightError
     from daemon.sinks.mqtt import MqttConfigError
-
-    from daemon.ops.signals import SignalHandling
 
     app = App(settings)
     # SIGTERM/SIGINT stop gracefully (twice: exit now); other fatal signals stop gracefully and

@@ -6,6 +6,7 @@ spaces, unicode and percent-encoding, IPv4/IPv6/name hosts, ports, paths and que
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -34,22 +35,30 @@ def test_redact_url(text, expected):
     assert redact_url(text) == expected
 
 
-def test_chained_pyav_error_in_a_traceback_is_redacted():
+@contextlib.contextmanager
+def redacting_log(name: str):
+    """A logger whose output (through RedactingFilter) lands in the yielded StringIO."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.addFilter(RedactingFilter())
-    log = logging.getLogger("redact-test")
+    log = logging.getLogger(name)
     log.addHandler(handler)
     try:
-        try:
-            # A real PyAV error: its text carries the URL (nothing listens on port 9 of loopback).
-            av.open("rtsp://admin:hunter2@127.0.0.1:9/stream", options={"rtsp_transport": "tcp"}, timeout=2)
-        except (av.FFmpegError, OSError) as e:
-            raise RuntimeError("camera door failed") from e
-    except RuntimeError:
-        log.exception("while opening %s", "rtsp://admin:hunter2@127.0.0.1:9/stream")
+        yield log, stream
     finally:
         log.removeHandler(handler)
+
+
+def test_chained_pyav_error_in_a_traceback_is_redacted():
+    with redacting_log("redact-test") as (log, stream):
+        try:
+            try:
+                # A real PyAV error: its text carries the URL (nothing listens on port 9 of loopback).
+                av.open("rtsp://admin:hunter2@127.0.0.1:9/stream", options={"rtsp_transport": "tcp"}, timeout=2)
+            except (av.FFmpegError, OSError) as e:
+                raise RuntimeError("camera door failed") from e
+        except RuntimeError:
+            log.exception("while opening %s", "rtsp://admin:hunter2@127.0.0.1:9/stream")
     out = stream.getvalue()
     assert "hunter2" not in out
     assert "rtsp://***:***@127.0.0.1:9/stream" in out
@@ -132,13 +141,6 @@ def test_query_string_tokens(query, expected):
 
 def test_the_whole_user_info_goes_in_logs():
     """Probe 2 of issue 12: a password with '@' was logged as rtsp://***:***@ss-s3cret@host/x."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(RedactingFilter())
-    log = logging.getLogger("redact-test-at")
-    log.addHandler(handler)
-    try:
+    with redacting_log("redact-test-at") as (log, stream):
         log.warning("camera door: cannot open %s", "rtsp://admin:p@ss-s3cret@127.0.0.1:9/x")
-    finally:
-        log.removeHandler(handler)
     assert stream.getvalue().strip() == "camera door: cannot open rtsp://***:***@127.0.0.1:9/x"

@@ -8,10 +8,10 @@ import json
 import logging
 import os
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from helpers.smallfs import mount_small_fs
 
 from daemon.events import Event
@@ -37,15 +37,6 @@ def small_fs(tmp_path):
 
 def errors(m: Metrics, store: str) -> float:
     return m.registry.get_sample_value("regionwatch_state_errors_total", {"store": store}) or 0.0
-
-
-def wait_until(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def event(camera: str, seq: int, eid: str | None = None) -> Event:

@@ -186,21 +186,27 @@ def test_streaming_body_arrives_in_chunks_and_ends_on_stop():
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def test_streaming_ends_when_the_client_leaves():
-    srv = OpsServer("127.0.0.1:0")
-    closed = threading.Event()
+def endless_stream(closed: threading.Event):
+    """A route handler streaming 64 KiB chunks until the server stops; ``closed`` is set when its
+    body is closed (the client left, or the server stopped)."""
 
     def stream(req):
         def parts():
             try:
-                while True:
+                while not req.stopping.is_set():
                     yield b"x" * 65536
             finally:
                 closed.set()
 
         return Response(200, parts(), "application/octet-stream")
 
-    srv.add_route("/s", stream)
+    return stream
+
+
+def test_streaming_ends_when_the_client_leaves():
+    srv = OpsServer("127.0.0.1:0")
+    closed = threading.Event()
+    srv.add_route("/s", endless_stream(closed))
     with srv:
         s = socket.create_connection(("127.0.0.1", srv.port))
         s.sendall(b"GET /s HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -293,18 +299,7 @@ def test_read_timeout_closes_slow_and_silent_clients():
 def test_write_timeout_closes_a_client_that_stopped_reading():
     srv = OpsServer("127.0.0.1:0", write_timeout_s=1.0)
     closed = threading.Event()
-
-    def stream(req):
-        def parts():
-            try:
-                while not req.stopping.is_set():
-                    yield b"x" * 65536
-            finally:
-                closed.set()
-
-        return Response(200, parts(), "application/octet-stream")
-
-    srv.add_route("/s", stream)
+    srv.add_route("/s", endless_stream(closed))
     with srv:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -340,15 +335,7 @@ def test_host_allow_list_stops_dns_rebinding():
 
 def test_client_resets_are_debug_lines_and_no_python_version_is_sent(caplog):
     srv = OpsServer("127.0.0.1:0")
-
-    def stream(req):
-        def parts():
-            while not req.stopping.is_set():
-                yield b"x" * 65536
-
-        return Response(200, parts(), "application/octet-stream")
-
-    srv.add_route("/s", stream)
+    srv.add_route("/s", endless_stream(threading.Event()))
     srv.add_route("/t", lambda req: Response.text("t"))
     with caplog.at_level(logging.INFO), srv:
         status, headers, _ = get(srv.url + "/t")

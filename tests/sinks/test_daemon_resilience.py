@@ -11,7 +11,6 @@ state disk fills up during the run, and when it gets signals other than one SIGT
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -26,6 +25,7 @@ import pytest
 from helpers.smallfs import mount_small_fs
 
 from .conftest import free_port, wait_until
+from .test_mqtt import event_messages, jsonl_events
 
 PREFIX = "rw"
 
@@ -61,16 +61,6 @@ realtime = {realtime}
 id = "table"
 polygon = [[360, 330], [560, 330], [560, 412], [360, 412]]
 """
-
-
-def jsonl_events(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def event_messages(col) -> list[dict]:
-    return [json.loads(m.payload) for m in col.all() if m.topic.endswith("/events")]
 
 
 def http_get(url: str) -> tuple[int, str]:
