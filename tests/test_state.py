@@ -118,6 +118,7 @@ def test_events_held_in_memory_at_shutdown_are_reported_lost(small_fs, caplog):
     with caplog.at_level(logging.ERROR):
         box.close()
     assert "1 undelivered event(s) were held only in memory" in caplog.text and "hall seq 2" in caplog.text
+    assert len(box) == 1  # what the next start finds
     state.close()
 
 

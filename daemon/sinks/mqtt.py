@@ -322,8 +322,8 @@ class MqttSink(Sink):
         self._closed = True
         self._connected = False
         self._metrics.mqtt_connected.set(0)
-        pending = len(self.outbox)
         self.outbox.close()
+        pending = len(self.outbox)  # after close: what is kept on disk for the next start
         if pending:
             log.warning("MQTT sink closed with %d undelivered event(s) kept in the outbox for the next start", pending)
         else:

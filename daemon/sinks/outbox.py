@@ -248,7 +248,9 @@ class Outbox:
                     "WHERE rowid > ? ORDER BY rowid LIMIT ?",
                     (int(rowid), int(limit) + len(self._tombstones)),
                 ).fetchall()
-            except _DISK_ERRORS as e:  # unreadable: what is in memory still goes out
+            except _DISK_ERRORS as e:
+                # Unreadable: what is in memory still goes out now. The cursor then passes the
+                # unread rows; they go out after the next reconnect (or restart), in order again.
                 self._health.failed("outbox", self.path, e)
                 rows = []
             items = [OutboxItem(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows if r[0] not in self._tombstones]
@@ -257,6 +259,7 @@ class Outbox:
         return items[: int(limit)]
 
     def __len__(self) -> int:
+        """Events waiting (after :meth:`close`: those kept on disk for the next start)."""
         with self._lock:
             return self._count
 
@@ -280,6 +283,7 @@ class Outbox:
                     "written; they are lost (%s)",
                     len(self._memory), self.path, _seq_ranges([(i.camera, i.seq) for i in self._memory.values()]),
                 )
+                self._count -= len(self._memory)  # len() now tells what the next start will find
             if self._tombstones:
                 log.warning("MQTT outbox: %d delivered event(s) could not be deleted from %s and will be delivered "
                             "again after the next start (consumers dedupe by id)", len(self._tombstones), self.path)
