@@ -231,3 +231,21 @@ def test_one_lock_for_every_configuration(tmp_path):
         StateDir.open(tmp_path)
     first.close()
     StateDir.open(tmp_path).close()
+
+
+def test_bounds_still_apply_while_the_database_is_full(tmp_path, caplog):
+    m = Metrics()
+    state = StateDir.open(tmp_path, metrics=m)
+    box = Outbox(tmp_path, max_events=3, metrics=m, state=state)
+    big = b"x" * 6000
+    for n in (1, 2):
+        box.put(event_id=f"e{n}", camera="hall", seq=n, payload=big)
+    box._db.execute(f"PRAGMA max_page_count = {box._db.execute('PRAGMA page_count').fetchone()[0]}")
+    with caplog.at_level(logging.WARNING):
+        for n in range(3, 7):
+            box.put(event_id=f"e{n}", camera="hall", seq=n, payload=big)
+        assert [i.seq for i in box.after(0)] == [4, 5, 6] and len(box) == 3  # the oldest went, disk or memory
+        box.close()
+    assert m.registry.get_sample_value("regionwatch_outbox_dropped_total", {"reason": "max_events"}) == 3
+    assert "hall seq 1-3" in caplog.text or ("hall seq 1" in caplog.text and "hall seq 2-3" in caplog.text)
+    state.close()
