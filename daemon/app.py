@@ -24,12 +24,14 @@ from daemon.ops.metrics import Metrics
 from daemon.ops.preview import attach_preview
 from daemon.ops.runtime import Ops
 from daemon.pipeline import CameraPipeline
+from daemon.preflight import preflight
 from daemon.sinks.base import Sink
 from daemon.sinks.jsonl import JsonlSink
 from daemon.sinks.stdout import StdoutSink
 from daemon.snapshots import SnapshotStore
 from daemon.sources import SourceState
 from daemon.state import SeqStore
+from daemon.statedir import StateDir
 from daemon.switches import DetectionSwitches
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,13 @@ def build_tracker(settings: Settings, camera: CameraConfig, shared: dict, metric
 
 
 def build_sinks(settings: Settings, metrics: Metrics, shard: Shard | None = None, *, device=None, on_detection=None,
-                elsewhere: tuple[str, ...] = ()) -> list[Sink]:
+                elsewhere: tuple[str, ...] = (), state: StateDir | None = None) -> list[Sink]:
     """Every configured sink; all of them receive the same events.
 
     ``shard`` and ``elsewhere`` (cameras other replicas run): see daemon/fleet.py. ``device`` (a
     :class:`daemon.sinks.mqtt.DeviceInfo`) describes the cameras to Home Assistant;
-    ``on_detection(camera, enabled)`` is called for detection switch commands (MQTT).
+    ``on_detection(camera, enabled)`` is called for detection switch commands (MQTT). ``state``:
+    the daemon's locked state directory (daemon/statedir.py).
     """
     sinks: list[Sink] = []
     state_dir = Path(settings.state.dir)
@@ -62,12 +65,12 @@ def build_sinks(settings: Settings, metrics: Metrics, shard: Shard | None = None
         from daemon.sinks.mqtt import MqttSink
 
         sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras, device=device,
-                              on_detection=on_detection, shard=shard, elsewhere=elsewhere))
+                              on_detection=on_detection, shard=shard, elsewhere=elsewhere, state_dir=state))
     if settings.sinks.stdout.enabled:
         sinks.append(StdoutSink())
     if settings.sinks.jsonl.path:
         snap_dir = state_dir / "snapshots" if settings.sinks.jsonl.snapshots else None
-        sinks.append(JsonlSink(settings.sinks.jsonl.path, snapshots_dir=snap_dir))
+        sinks.append(JsonlSink(settings.sinks.jsonl.path, snapshots_dir=snap_dir, health=state and state.health))
     return sinks
 
 
@@ -91,6 +94,7 @@ class App:
         self.snapshots: SnapshotStore | None = None  # entry snapshots by event id (HTTP)
         self._events: EventFactory | None = None
         self._seq: SeqStore | None = None
+        self.state: StateDir | None = None  # the locked, checked state folder (from load)
         self.ops = Ops(settings.metrics, self.metrics)  # /metrics, /healthz, /readyz, sd_notify
         self.preview = None  # daemon.ops.preview.Preview once loaded, when [preview] enabled
 
@@ -99,6 +103,10 @@ class App:
         """Load models and build every stage (slow: model loading). Raises on bad models."""
         s = self.settings
         d = s.detector
+        # I/O preconditions and the state folder's lock and integrity, before any model loads:
+        # raises PreflightError (section.key problems).
+        self.state = preflight(s, self.metrics)
+        self.ops.health.add_check(self.state.health.problems)  # not ready while the state disk fails
         self.ops.start(lambda: {p.cam.id: p.source.state for p in self.pipelines})
         self.detector = PersonDetector(
             d.model, confidence=d.confidence, iou=d.iou, imgsz=d.imgsz, device=d.device,
@@ -107,7 +115,8 @@ class App:
         shared: dict = {}
         cams = [c for c in s.cameras if c.enabled]
         trackers = [build_tracker(s, c, shared, self.metrics) for c in cams]
-        self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync)
+        self._seq = SeqStore(s.state.dir, synchronous=s.state.fsync, health=self.state.health,
+                             floor=self.state.seq_floor)
         self.fleet.release(self._seq)  # cameras now run by other shards: numbering restarts there
         self._events = EventFactory(self._seq)
         self.switches = DetectionSwitches(s.state.dir, [c.id for c in cams])
@@ -119,7 +128,7 @@ class App:
         if self.snapshots.keeping:
             self.snapshots.mount(self.ops.server)  # /events/{id}/snapshot.jpg
         self.sinks = build_sinks(s, self.metrics, self.fleet.shard, device=self._device_info(base_url),
-                                 on_detection=self.set_detection, elsewhere=self.fleet.others)
+                                 on_detection=self.set_detection, elsewhere=self.fleet.others, state=self.state)
         for c in cams:
             for sink in self.sinks:
                 sink.detection_state(c.id, self.switches.enabled(c.id))
@@ -207,6 +216,8 @@ class App:
                 log.exception("sink %s: close failed", sink.name)
         if self._seq:
             self._seq.close()
+        if self.state:
+            self.state.close()
         self.ops.close()
 
     # -- callbacks from pipelines ---------------------------------------------------------

@@ -1,7 +1,8 @@
 """Command line: ``regionwatch run | annotate | evaluate | check-config | schema | version``.
 
 Exit codes: 0 success, 1 runtime failure (e.g. a model cannot be loaded), 2 invalid
-configuration or usage.
+configuration or usage (including I/O preconditions of ``run``: state folder, JSONL path, listen
+port), 128 + n after a fatal signal n (see :mod:`daemon.ops.signals`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import time
 
@@ -86,19 +86,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or settings.logging.level, settings.logging.format)
     from daemon.app import App
     from daemon.detector import ModelLoadError
+    from daemon.ops.signals import SignalHandling
+    from daemon.preflight import PreflightError
     from daemon.sinks.mqtt import MqttConfigError
 
     app = App(settings)
-
-    def on_signal(signum, _frame):
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        app.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGTERM/SIGINT stop gracefully (twice: exit now); other fatal signals stop gracefully and
+    # exit 128+n; SIGHUP is logged and ignored (see daemon/ops/signals.py).
+    signals = SignalHandling(on_stop=app.request_stop)
+    signals.install()
     started = time.monotonic()
     try:
         app.load()
+    except PreflightError as e:  # state folder, JSONL path, listen port: checked before models load
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        app.shutdown()
+        return 2
     except MqttConfigError as e:  # e.g. the password file is missing: a configuration problem
         print(f"sinks.mqtt: {e}", file=sys.stderr)
         app.shutdown()
@@ -107,13 +111,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("%s", e)
         app.shutdown()
         return 1
+    except Exception as e:  # anything else at start: one clear line (the traceback at DEBUG)
+        log.error("startup failed: %s: %s", type(e).__name__, e)
+        log.debug("startup failure", exc_info=True)
+        app.shutdown()
+        return 1
     cams = ", ".join(p.cam.id for p in app.pipelines) or "(none)"
     shard = f", shard {app.fleet.shard} ({len(app.pipelines)} of {app.fleet.configured} cameras)" if app.fleet.shard else ""
     log.info("regionwatch %s running: cameras %s, tracker %s%s", __version__, cams, settings.tracker.backend, shard)
     code = app.run()
     frames = sum(p.frames for p in app.pipelines)
     log.info("stopped after %.1f s, %d frames processed", time.monotonic() - started, frames)
-    return code
+    return signals.exit_code or code  # a fatal signal (SIGUSR1...) is a failure for the supervisor
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:

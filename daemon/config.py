@@ -5,10 +5,12 @@ The file is TOML; any key can be overridden from the environment as
 are rejected everywhere, numbers are bounds-checked and region polygons are validated.
 
 Example:
+    >>> import tempfile
     >>> from daemon.config import Settings
-    >>> s = Settings.from_toml_text('''
+    >>> model = tempfile.NamedTemporaryFile(suffix=".onnx")
+    >>> s = Settings.from_toml_text(f'''
     ... [detector]
-    ... model = "yolo11n.pt"
+    ... model = "{model.name}"
     ... [[cameras]]
     ... id = "hall"
     ... url = "rtsp://user:secret@192.0.2.10/stream1"
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from daemon.fleet import Shard
+from daemon.geometry import first_edge_crossing
 from daemon.redact import redact_url
 
 Identifier = Annotated[
@@ -48,9 +51,10 @@ DisplayName = Annotated[str, Field(max_length=64, pattern=r"^[^\x00-\x1f]*$")]
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, values are re-validated on assignment."""
+    """Base of every section: unknown keys are errors, values are re-validated on assignment, and
+    every number must be finite (``inf`` and ``nan`` pass ``ge=0`` checks but break arithmetic)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DetectorConfig(Section):
@@ -69,11 +73,14 @@ class DetectorConfig(Section):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, v: str) -> str:
-        looks_like_path = os.sep in v or v.startswith(".") or Path(v).suffix in {".onnx", ""}
-        if looks_like_path and not Path(v).exists():
-            # A bare name such as "yolo11n.pt" is left to ultralytics (which may download it);
-            # anything that looks like a path must exist.
-            raise ValueError(f"model file not found: {v}")
+        # Only local files or folders: a bare name such as "yolo11n.pt" would make ultralytics
+        # download it at run time, and the daemon promises never to download anything.
+        if not Path(v).exists():
+            raise ValueError(
+                f"model file not found: {v} (give the path of a local model file or folder; the daemon never "
+                "downloads models. On a connected machine: pip install ultralytics; yolo export "
+                "model=yolo11n.pt format=onnx, then copy yolo11n.onnx here; see README, Models and weights)"
+            )
         return v
 
 
@@ -113,7 +120,7 @@ class Sam2Config(Section):
     mask_polygon: bool = False
     random_weights_for_tests: bool = False
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
     @field_validator("encoder_batches")
     @classmethod
@@ -152,27 +159,14 @@ class RefineConfig(Section):
     budget_s: float = Field(1.5, gt=0, le=60)
 
 
-def _segments_cross(p1, p2, q1, q2) -> bool:
-    def orient(a, b, c) -> float:
-        return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
-
-    def on_segment(a, b, c) -> bool:
-        return min(a[0], b[0]) <= c[0] <= max(a[0], b[0]) and min(a[1], b[1]) <= c[1] <= max(a[1], b[1])
-
-    d1, d2 = orient(q1, q2, p1), orient(q1, q2, p2)
-    d3, d4 = orient(p1, p2, q1), orient(p1, p2, q2)
-    if ((d1 > 0) != (d2 > 0)) and d1 != 0 and d2 != 0 and ((d3 > 0) != (d4 > 0)) and d3 != 0 and d4 != 0:
-        return True
-    return (
-        (d1 == 0 and on_segment(q1, q2, p1))
-        or (d2 == 0 and on_segment(q1, q2, p2))
-        or (d3 == 0 and on_segment(p1, p2, q1))
-        or (d4 == 0 and on_segment(p1, p2, q2))
-    )
+MAX_POLYGON_POINTS = 1000
+"""Region outlines are drawn by hand or traced by a tool; more points than this is a mistake
+(and every point costs time in region logic on every frame)."""
 
 
 def validate_polygon(points: list[list[float]]) -> list[tuple[float, float]]:
-    """Check a polygon: >= 3 points of 2 finite numbers, simple (no self-intersection), area > 0.
+    """Check a polygon: 3 to :data:`MAX_POLYGON_POINTS` points of 2 finite numbers, simple (no
+    self-intersection, checked vectorised), area > 0.
 
     Example:
         >>> validate_polygon([[0, 0], [10, 0], [10, 10]])
@@ -180,6 +174,8 @@ def validate_polygon(points: list[list[float]]) -> list[tuple[float, float]]:
     """
     if len(points) < 3:
         raise ValueError(f"a polygon needs at least 3 points, got {len(points)}")
+    if len(points) > MAX_POLYGON_POINTS:
+        raise ValueError(f"a polygon may have at most {MAX_POLYGON_POINTS} points, got {len(points)}")
     pts: list[tuple[float, float]] = []
     for i, p in enumerate(points):
         if len(p) != 2:
@@ -191,12 +187,9 @@ def validate_polygon(points: list[list[float]]) -> list[tuple[float, float]]:
     if len(set(pts)) != len(pts):
         raise ValueError("polygon repeats a point")
     n = len(pts)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if j == i + 1 or (i == 0 and j == n - 1):
-                continue  # adjacent edges share a vertex
-            if _segments_cross(pts[i], pts[(i + 1) % n], pts[j], pts[(j + 1) % n]):
-                raise ValueError(f"polygon edges {i} and {j} intersect (self-intersecting polygon)")
+    crossing = first_edge_crossing(pts)
+    if crossing is not None:
+        raise ValueError(f"polygon edges {crossing[0]} and {crossing[1]} intersect (self-intersecting polygon)")
     area2 = sum(pts[i][0] * pts[(i + 1) % n][1] - pts[(i + 1) % n][0] * pts[i][1] for i in range(n))
     if area2 == 0:
         raise ValueError("polygon has zero area")
@@ -208,7 +201,7 @@ class RegionConfig(Section):
 
     id: Identifier
     name: DisplayName = ""
-    polygon: list[list[float]]
+    polygon: list[list[Annotated[float, Field(allow_inf_nan=True)]]]  # validate_polygon names the bad point
     anchor: Literal["bottom_center", "center", "bbox_overlap", "mask_overlap"] = "bottom_center"
     min_overlap: float = Field(0.5, gt=0, le=1)
 
@@ -220,6 +213,10 @@ class RegionConfig(Section):
     @property
     def display_name(self) -> str:
         return self.name or self.id
+
+
+CAMERA_URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "srt", "udp", "rtp", "tcp")
+"""Network schemes a camera URL may use (FFmpeg protocols for live video); anything else is a typo."""
 
 
 class CameraConfig(Section):
@@ -257,10 +254,18 @@ class CameraConfig(Section):
 
     @field_validator("url")
     @classmethod
-    def _file_exists(cls, v: str) -> str:
-        if "://" not in v or v.startswith("file://"):
-            if not Path(v.removeprefix("file://")).is_file():
-                raise ValueError(f"video file not found: {v}")
+    def _known_scheme_or_file(cls, v: str) -> str:
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*):(//)?", v)
+        if scheme and scheme[1].lower() != "file" and not Path(v).exists():
+            # Never echo the URL here: it may carry a password that redaction would not spot.
+            name = scheme[1].lower()
+            if not scheme[2]:
+                raise ValueError(f"malformed URL: '{name}:' must be followed by '//' (as in rtsp://host/path)")
+            if name not in CAMERA_URL_SCHEMES:
+                raise ValueError(f"unknown URL scheme '{name}' (known: {', '.join(CAMERA_URL_SCHEMES)}, file)")
+            return v
+        if not Path(v.removeprefix("file://")).is_file():
+            raise ValueError(f"video file not found: {v}")
         return v
 
     @model_validator(mode="after")
@@ -304,7 +309,7 @@ class MqttSinkConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     client_id: str = "regionwatch"
-    topic_prefix: str = Field("regionwatch", pattern=r"^[^#+\s]+$")
+    topic_prefix: str = "regionwatch"
     protocol: Literal["5", "3.1.1"] = "5"
     keepalive_s: int = Field(30, ge=5, le=3600)
     qos: Literal[0, 1, 2] = 1
@@ -318,6 +323,21 @@ class MqttSinkConfig(Section):
     reconnect_min_s: PositiveSeconds = 1.0
     reconnect_max_s: PositiveSeconds = 30.0
     stats_interval_s: float = Field(60.0, ge=0, le=86400)  # 0: no stats messages
+
+    @field_validator("topic_prefix", "discovery_prefix")
+    @classmethod
+    def _plain_topic_prefix(cls, v: str) -> str:
+        # A prefix becomes the first levels of published topics: wildcards are not allowed in a
+        # topic name (the broker would refuse every publish) and "$" topics belong to the broker.
+        if not v.strip("/"):
+            raise ValueError("must name at least one topic level, e.g. 'regionwatch'")
+        if "#" in v or "+" in v:
+            raise ValueError(f"{v!r} contains an MQTT wildcard ('#' or '+'), which topic names must not")
+        if v.startswith("$"):
+            raise ValueError(f"{v!r} starts with '$': such topics are reserved for the broker ($SYS)")
+        if re.search(r"[\s\x00]", v):
+            raise ValueError(f"{v!r} contains whitespace or a NUL character")
+        return v
 
 
 class SinksConfig(Section):
@@ -346,6 +366,17 @@ class MetricsConfig(Section):
     # How others reach the listener (snapshot links in events, Home Assistant's device page);
     # empty: http://<listen address> (a wildcard address becomes this machine's host name).
     public_url: str = Field("", pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
+
+    # Host header names accepted besides localhost, IP addresses and the listen host ("*": any).
+    allowed_hosts: list[Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9_]([A-Za-z0-9_.\-]*[A-Za-z0-9_])?)$")]] = []
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        from daemon.ops.httpd import parse_listen
+
+        parse_listen(v)  # port range, bracketed IPv6
+        return v
 
 
 class SnapshotsConfig(Section):
@@ -420,6 +451,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _checks(self) -> Settings:
+        if not any(c.enabled for c in self.cameras):
+            raise ValueError("cameras: every camera is disabled; enable at least one (enabled = true)")
         if self.tracker.backend == "sam2" and not (
             self.tracker.sam2.checkpoint or self.tracker.sam2.random_weights_for_tests
         ):
@@ -475,10 +508,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     def fix(value: Any, path: tuple[str, ...]) -> Any:
         if not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value:
             return value
-        candidate = base / value
-        if path == ("detector", "model") and not candidate.exists() and os.sep not in value:
-            return value  # a model name such as "yolo11n.pt", resolved by ultralytics
-        return str(candidate)
+        if re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:", value) and not (base / value).exists():
+            return value  # a mistyped URL ("rtsp:/cam"): left for the URL check, which names the problem
+        return str(base / value)
 
     def walk(node: Any, path: tuple[str, ...]) -> Any:
         if isinstance(node, dict):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from daemon.config import ConfigError, Settings, load_settings, validate_polygon
+from daemon.config import MAX_POLYGON_POINTS, ConfigError, Settings, load_settings, validate_polygon
+from daemon.geometry import first_edge_crossing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,3 +208,105 @@ def test_malformed_environment_override_is_a_config_error(tmp_path, footage, yol
     monkeypatch.setenv("REGIONWATCH_DETECTOR", "{bad json")
     found = problems(tmp_path, BASE, footage, yolo_model)
     assert len(found) == 1 and found[0].startswith("environment: ") and "detector" in found[0]
+
+
+# -- issue 12: configs that validated but could not work ------------------------------------------
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (('model = "@MODEL@"', 'model = "yolo11n.pt"'), "detector.model: model file not found: "),
+        (("confidence = 0.35", "confidence = 0.35\nmin_box_area_px = inf"),
+         "detector.min_box_area_px: Input should be a finite number"),
+        (("confidence = 0.35", "confidence = nan"), "detector.confidence: Input should be a finite number"),
+        (("[sinks.stdout]", "[state]\noutbox_max_age_s = inf\n[sinks.stdout]"),
+         "state.outbox_max_age_s: Input should be a finite number"),
+        (("[sinks.stdout]", '[sinks.mqtt]\ntopic_prefix = "home/#"\n[sinks.stdout]'),
+         "sinks.mqtt.topic_prefix: 'home/#' contains an MQTT wildcard"),
+        (("[sinks.stdout]", '[sinks.mqtt]\ntopic_prefix = "home/+/cams"\n[sinks.stdout]'),
+         "sinks.mqtt.topic_prefix: 'home/+/cams' contains an MQTT wildcard"),
+        (("[sinks.stdout]", '[sinks.mqtt]\ntopic_prefix = "$SYS/rw"\n[sinks.stdout]'),
+         "sinks.mqtt.topic_prefix: '$SYS/rw' starts with '$'"),
+        (("[sinks.stdout]", '[sinks.mqtt]\ndiscovery_prefix = "/"\n[sinks.stdout]'),
+         "sinks.mqtt.discovery_prefix: must name at least one topic level"),
+        (('url = "@FOOTAGE@"', 'url = "rstp://admin:s3cret@192.0.2.1/s"'),
+         "cameras.0.url: unknown URL scheme 'rstp' (known: rtsp, rtsps"),
+        (('url = "@FOOTAGE@"', 'url = "rtsp:/admin:s3cret@192.0.2.1/s"'),
+         "cameras.0.url: malformed URL: 'rtsp:' must be followed by '//'"),
+        (('url = "@FOOTAGE@"', 'url = "@FOOTAGE@"\nenabled = false'),
+         "cameras: every camera is disabled; enable at least one"),
+        (("[sinks.stdout]", '[metrics]\nlisten = "127.0.0.1:99999"\n[sinks.stdout]'),
+         "metrics.listen: port out of range in '127.0.0.1:99999'"),
+        (("[sinks.stdout]", '[metrics]\nallowed_hosts = ["box.lan:9108"]\n[sinks.stdout]'),
+         "metrics.allowed_hosts.0: String should match pattern"),
+    ],
+)
+def test_configs_that_cannot_work_are_refused(tmp_path, footage, yolo_model, edit, expected):
+    old, new = edit
+    assert old in BASE
+    found = problems(tmp_path, BASE.replace(old, new, 1).replace("@FOOTAGE@", str(footage)), footage, yolo_model)
+    assert any(p.startswith(expected) for p in found), found
+    assert all("s3cret" not in p for p in found)
+
+
+def test_bare_model_name_says_how_to_get_a_model(tmp_path, footage, yolo_model):
+    found = problems(tmp_path, BASE.replace('model = "@MODEL@"', 'model = "yolo11n.pt"'), footage, yolo_model)
+    assert len(found) == 1
+    assert "never downloads" in found[0] and "yolo export model=yolo11n.pt format=onnx" in found[0]
+    # A model folder (OpenVINO export) is fine, and a relative path is taken from the config's folder.
+    folder = tmp_path / "models" / "yolo11n_openvino_model"
+    folder.mkdir(parents=True)
+    s = load_settings(write(tmp_path, BASE.replace("@MODEL@", "models/yolo11n_openvino_model"), footage, yolo_model))
+    assert s.detector.model == str(folder)
+
+
+def test_polygon_point_cap(tmp_path, footage, yolo_model):
+    ring = [[500 + 400 * math.cos(2 * math.pi * k / 3000), 500 + 400 * math.sin(2 * math.pi * k / 3000)]
+            for k in range(3000)]
+    body = BASE.replace("polygon = [[300, 250], [470, 250], [470, 400], [300, 400]]", f"polygon = {ring}")
+    assert problems(tmp_path, body, footage, yolo_model) == [
+        "cameras.0.regions.0.polygon: a polygon may have at most 1000 points, got 3000"
+    ]
+
+
+def _scalar_first_crossing(pts):
+    """The reference: the scalar loop config.py used before it was vectorised."""
+
+    def orient(a, b, c):
+        return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+    def on_segment(a, b, c):
+        return min(a[0], b[0]) <= c[0] <= max(a[0], b[0]) and min(a[1], b[1]) <= c[1] <= max(a[1], b[1])
+
+    def cross(p1, p2, q1, q2):
+        d1, d2, d3, d4 = orient(q1, q2, p1), orient(q1, q2, p2), orient(p1, p2, q1), orient(p1, p2, q2)
+        if ((d1 > 0) != (d2 > 0)) and d1 != 0 and d2 != 0 and ((d3 > 0) != (d4 > 0)) and d3 != 0 and d4 != 0:
+            return True
+        return ((d1 == 0 and on_segment(q1, q2, p1)) or (d2 == 0 and on_segment(q1, q2, p2))
+                or (d3 == 0 and on_segment(p1, p2, q1)) or (d4 == 0 and on_segment(p1, p2, q2)))
+
+    n = len(pts)
+    for i in range(n):
+        for j in range(i + 2, n):
+            if not (i == 0 and j == n - 1) and cross(pts[i], pts[(i + 1) % n], pts[j], pts[(j + 1) % n]):
+                return (i, j)
+    return None
+
+
+# Small integer grids make collinear overlaps, touching vertices and crossings common.
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=3, max_size=12, unique=True),
+       st.integers(1, 5))
+def test_vectorised_crossing_check_matches_the_scalar_reference(points, block):
+    pts = [(float(x), float(y)) for x, y in points]
+    assert first_edge_crossing(pts, block=block) == _scalar_first_crossing(pts)
+
+
+def test_big_polygons_validate(tmp_path):
+    n = MAX_POLYGON_POINTS
+    star = [[500 + (400 if k % 2 else 200) * math.cos(2 * math.pi * k / n),
+             500 + (400 if k % 2 else 200) * math.sin(2 * math.pi * k / n)] for k in range(n)]
+    assert len(validate_polygon(star)) == n
+    crossed = [list(p) for p in star]
+    crossed[n // 2] = [1500.0, 500.0]  # the leftmost point pulled far to the right, across the ring
+    with pytest.raises(ValueError, match=r"polygon edges \d+ and \d+ intersect"):
+        validate_polygon(crossed)

@@ -4,7 +4,8 @@ The app tells a :class:`Health` what happens (models loaded, the main loop turne
 a provider of per-camera stream states; the HTTP listener asks it. ``healthz`` answers "is the
 process alive and its main loop turning?" (restart me if not); ``readyz`` answers "are the models
 loaded and is at least one camera streaming?" (do not count on my output yet if not); a fleet
-replica whose shard has no camera is ready once loaded.
+replica whose shard has no camera is ready once loaded. Other parts add conditions with
+:meth:`Health.add_check` (the state stores: not ready while their disk fails).
 
 Example:
     >>> h = Health(heartbeat_timeout_s=30)
@@ -71,6 +72,7 @@ class Health:
         self._models_loaded = False
         self._streams: StreamStates | None = None  # None: not told yet
         self._stopping = False
+        self._checks: list[Callable[[], list[str]]] = []
         self._metrics = metrics
         if metrics is not None:
             metrics.ready.set_function(lambda: 1.0 if self.readyz()[0] else 0.0)
@@ -93,6 +95,11 @@ class Health:
         """Where to read per-camera stream states from (called at each ``readyz``)."""
         with self._lock:
             self._streams = provider
+
+    def add_check(self, check: Callable[[], list[str]]) -> None:
+        """Another readiness condition: ``check()`` returns the reasons it is not met (empty: met)."""
+        with self._lock:
+            self._checks.append(check)
 
     def set_stopping(self) -> None:
         """The daemon is shutting down: no longer ready (still alive)."""
@@ -126,7 +133,7 @@ class Health:
     def readyz(self) -> tuple[bool, dict[str, Any]]:
         """(ok, detail): models loaded and at least one camera streaming, or none to run (not while stopping)."""
         with self._lock:
-            loaded, provider, stopping = self._models_loaded, self._streams, self._stopping
+            loaded, provider, stopping, checks = self._models_loaded, self._streams, self._stopping, list(self._checks)
         try:
             cameras = {str(cam): _state_name(state) for cam, state in (provider or dict)().items()}
         except Exception as e:  # a broken provider must not break the probe
@@ -136,7 +143,8 @@ class Health:
         streaming = sum(1 for s in cameras.values() if s == STREAMING)
         # A fleet replica whose shard has no camera ([fleet] shard) has nothing to wait for.
         idle = provider is not None and not cameras and error is None
-        ok = loaded and (streaming > 0 or idle) and not stopping
+        failed_checks = [reason for check in checks for reason in check()]
+        ok = loaded and (streaming > 0 or idle) and not stopping and not failed_checks
         reasons = []
         if not loaded:
             reasons.append("models not loaded")
@@ -144,6 +152,7 @@ class Health:
             reasons.append("no camera streaming")
         if stopping:
             reasons.append("stopping")
+        reasons += failed_checks
         detail: dict[str, Any] = {
             "status": "ready" if ok else "not ready",
             "models_loaded": loaded,

@@ -1,11 +1,22 @@
 """The daemon's one HTTP listener: ``/metrics``, ``/healthz``, ``/readyz`` and pluggable routes.
 
-A stdlib :class:`~http.server.ThreadingHTTPServer` in a daemon thread, bound from
-``[metrics] listen = "host:port"`` (``[::1]:9108`` for IPv6, port 0 for an ephemeral port,
-read back from :attr:`OpsServer.port`). Other features add routes with :meth:`OpsServer.add_route`;
-a route's handler takes a :class:`Request` and returns a :class:`Response` whose body is bytes or
-an iterator of byte chunks (streamed as they come, e.g. an MJPEG preview, until the client
-leaves or the server stops).
+Served by `waitress <https://docs.pylonsproject.org/projects/waitress/>`_ in a daemon thread,
+bound from ``[metrics] listen = "host:port"`` (``[::1]:9108`` for IPv6, port 0 for an ephemeral
+port, read back from :attr:`OpsServer.port`). Other features add routes with
+:meth:`OpsServer.add_route`; a route's handler takes a :class:`Request` and returns a
+:class:`Response` whose body is bytes or an iterator of byte chunks (streamed as they come, e.g.
+an MJPEG preview, until the client leaves or the server stops).
+
+Nobody can tie the listener up: waitress accepts connections on one event loop and runs
+requests on a fixed pool of worker threads, so idle sockets cost a file descriptor, not a
+thread. On top of waitress's idle timeout (``idle_timeout_s``, between requests on a keep-alive
+connection) the server closes a connection that takes longer than ``read_timeout_s`` to send its
+request (or sends nothing), and one whose response has not moved for ``write_timeout_s`` (a
+client that stopped reading). At most ``max_connections`` are open at once (further ones wait in
+the kernel's backlog). A ``Host`` header that names neither this machine's loopback names, an IP
+address, the listen host nor ``[metrics] allowed_hosts`` gets 421, so a DNS-rebinding web page
+cannot read the cameras. Errors go through logging; a client that resets its connection is a
+DEBUG line, not a traceback.
 
 (The module is ``httpd``, not ``http``: a file named ``http.py`` shadows the standard library's
 ``http`` package whenever its folder lands on ``sys.path``, as with ``python -m doctest`` or
@@ -27,20 +38,30 @@ Example:
 
 from __future__ import annotations
 
+import http
+import ipaddress
 import json
 import logging
 import re
 import socket
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from wsgiref.headers import Headers
 
 from prometheus_client.exposition import choose_encoder
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import WSGITask
 
 log = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -63,6 +84,31 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, p
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) TCP socket for ``host:port``; raises OSError (e.g. port taken).
+
+    ``""`` binds every IPv4 address; ``"::"`` every address, IPv4 included where the host allows
+    dual stack.
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    if not host:
+        family, addr = socket.AF_INET, ("0.0.0.0", port)
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and addr[0] == "::":
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 @dataclass
 class Request:
     """What a route handler sees."""
@@ -71,9 +117,12 @@ class Request:
     path: str
     query: dict[str, list[str]]
     headers: Any
+    """Case-insensitive: ``headers.get("Accept")``."""
     params: dict[str, str] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
     """Set when the server shuts down: streaming bodies should end."""
+    abort: Callable[[], None] = lambda: None
+    """Close this request's connection now (e.g. to evict a stream whose client stopped reading)."""
 
 
 @dataclass
@@ -113,81 +162,125 @@ def _compile(template: str, prefix: bool) -> re.Pattern[str]:
     return re.compile(rx + ("(?P<rest>.*)" if prefix else "") + r"\Z")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    ops: OpsServer
+class HostCheck:
+    """Which ``Host`` header values the listener answers.
 
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
-            # "[::]" means every address, IPv4 included where the host allows dual stack.
-            try:
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except OSError:
-                pass
-        super().server_bind()
+    Example:
+        >>> check = HostCheck("0.0.0.0", ["box.lan"])
+        >>> [check("localhost:9108"), check("[::1]:9108"), check("10.1.2.3:9108"), check("box.lan")]
+        [True, True, True, True]
+        >>> check("evil.example:9108"), check(None)
+        (False, True)
+    """
 
+    def __init__(self, listen_host: str, allowed: Iterable[str] = ()):
+        names = {n.lower() for n in allowed}
+        self.any = "*" in names
+        self.names = names | set(LOOPBACK_NAMES) | ({listen_host.lower()} if listen_host else set())
 
-class _RequestHandler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "regionwatch"
-
-    def do_GET(self) -> None:
-        self._dispatch(head=False)
-
-    def do_HEAD(self) -> None:
-        self._dispatch(head=True)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("http %s %s", self.address_string(), format % args)
-
-    def _dispatch(self, head: bool) -> None:
-        ops = self.server.ops
-        url = urllib.parse.urlsplit(self.path)
-        route, params = ops._match(url.path)
-        if route is None:
-            resp = Response.json({"error": "not found", "path": url.path}, 404)
+    def __call__(self, host_header: str | None) -> bool:
+        if host_header is None or self.any:
+            return True  # HTTP/1.0 without Host: no browser sends that
+        host = host_header.strip().lower()
+        if host.startswith("["):
+            host = host[1:host.find("]")] if "]" in host else host
         else:
-            req = Request(self.command, url.path, urllib.parse.parse_qs(url.query), self.headers, params, ops._stopping)
-            try:
-                resp = route.handler(req)
-            except Exception:
-                log.exception("http handler for %s failed", route.template)
-                resp = Response.json({"error": "internal error"}, 500)
-        self._send(resp, head)
-
-    def _send(self, resp: Response, head: bool) -> None:
-        body = resp.body
-        streaming = not isinstance(body, (bytes, bytearray, memoryview))
+            host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        host = host.rstrip(".")
         try:
-            self.send_response(resp.status)
-            self.send_header("Content-Type", resp.content_type)
-            for k, v in resp.headers.items():
-                self.send_header(k, v)
-            if streaming:
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            else:
-                self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if head:
-                return
-            if not streaming:
-                self.wfile.write(body)
-                return
-            stopping = self.server.ops._stopping
-            for chunk in body:  # type: ignore[union-attr]
-                if stopping.is_set():
-                    break
-                self.wfile.write(chunk)
-                self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client went away
-        finally:
-            if streaming and isinstance(body, Iterator) and hasattr(body, "close"):
-                body.close()  # type: ignore[union-attr]
+            ipaddress.ip_address(host)
+            return True  # an address literal cannot be re-bound to another name
+        except ValueError:
+            return host in self.names
+
+
+class _QuietClientResets(logging.Filter):
+    """waitress logs a client that went away as a traceback (ERROR) or an INFO line; demote them to
+    DEBUG without the traceback, and drop them unless DEBUG is on for this module."""
+
+    _RESETS = (ConnectionError, TimeoutError)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self._RESETS) or record.getMessage().startswith("Client disconnected"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            if exc is not None:
+                record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", None
+                record.exc_info, record.exc_text = None, None
+            return log.isEnabledFor(logging.DEBUG)
+        return True
+
+
+_QUIET = _QuietClientResets()
+
+
+class _Task(WSGITask):
+    """A waitress task that gives the application a way to close its own connection."""
+
+    def get_environment(self) -> dict:
+        environ = super().get_environment()
+        channel, server = self.channel, self.channel.server
+        environ["regionwatch.abort"] = lambda: server.trigger.pull_trigger(channel.handle_close)
+        return environ
+
+
+class _Channel(HTTPChannel):
+    task_class = _Task
+
+
+class _Server(TcpWSGIServer):
+    """waitress's TCP server plus read and write timeouts, checked by its maintenance pass."""
+
+    channel_class = _Channel
+
+    def __init__(self, app, sock: socket.socket, adj: Adjustments, *, read_timeout_s: float, write_timeout_s: float):
+        self.read_timeout_s = read_timeout_s
+        self.write_timeout_s = write_timeout_s
+        sockinfo = (sock.family, sock.type, sock.proto, sock.getsockname())
+        super().__init__(app, {}, True, sock, adj=adj, sockinfo=sockinfo, bind_socket=False)
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # idle keep-alive connections: adj.channel_timeout
+        for channel in list(self.active_channels.values()):
+            if channel.requests:
+                # A response is being produced: stalled when output waits and nothing was sent lately.
+                if channel.total_outbufs_len and now - channel.last_activity > self.write_timeout_s:
+                    log.debug("http %s: client stopped reading for %.0f s; closing", channel.addr[0], self.write_timeout_s)
+                    channel.handle_close()
+                continue
+            partial = channel.request
+            if partial is None:
+                # Connected but silent since the start: a request that never began.
+                if channel.last_activity == channel.creation_time and now - channel.creation_time > self.read_timeout_s:
+                    log.debug("http %s: no request within %.0f s; closing", channel.addr[0], self.read_timeout_s)
+                    channel.handle_close()
+                continue
+            started = getattr(channel, "_rw_partial", None)
+            if started is None or started[0] is not partial:
+                channel._rw_partial = (partial, now)
+            elif now - started[1] > self.read_timeout_s:
+                log.debug("http %s: request not complete within %.0f s; closing", channel.addr[0], self.read_timeout_s)
+                channel.handle_close()
+
+
+class _Body:
+    """A streamed response body: ends when the server stops; closing it closes the handler's iterator."""
+
+    def __init__(self, source: Iterable[bytes], stopping: threading.Event):
+        self._source, self._it, self._stopping = source, iter(source), stopping
+
+    def __iter__(self) -> _Body:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._stopping.is_set():
+            raise StopIteration
+        return next(self._it)
+
+    def close(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
 
 
 class OpsServer:
@@ -197,18 +290,31 @@ class OpsServer:
         listen: ``host:port`` as in ``[metrics] listen``.
         metrics: a :class:`daemon.ops.metrics.Metrics` (serves ``/metrics``) or None.
         health: a :class:`daemon.ops.health.Health` (serves ``/healthz`` and ``/readyz``) or None.
+        allowed_hosts: extra ``Host`` names to answer (``[metrics] allowed_hosts``; ``"*"``: any).
+        threads: worker threads for short requests; :meth:`reserve_threads` adds some for streams.
+        max_connections, idle_timeout_s, read_timeout_s, write_timeout_s: see the module docstring.
     """
 
-    def __init__(self, listen: str, *, metrics=None, health=None):
+    def __init__(self, listen: str, *, metrics=None, health=None, allowed_hosts: Iterable[str] = (),
+                 threads: int = 4, max_connections: int = 512, idle_timeout_s: float = 30.0,
+                 read_timeout_s: float = 10.0, write_timeout_s: float = 10.0):
         self.listen = listen
         self.host, self._requested_port = parse_listen(listen)
         self.metrics = metrics
         self.health = health
+        self.host_check = HostCheck(self.host, allowed_hosts)
+        self.threads = threads
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self._reserved = 0
         self._routes: list[_Route] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._httpd: _Server | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._address: tuple[str, int] | None = None
         if metrics is not None:
             self.add_route("/metrics", self._metrics)
         if health is not None:
@@ -230,6 +336,13 @@ class OpsServer:
             self._routes.append(route)
             self._routes.sort(key=lambda r: (r.prefix, -len(r.template)))
 
+    def reserve_threads(self, n: int) -> None:
+        """Add ``n`` worker threads: one per long-lived stream a route may serve at once, so streams
+        never hold the threads that ``/metrics`` needs (before or after :meth:`start`)."""
+        self._reserved += int(n)
+        if self._server is not None:
+            self._server.task_dispatcher.set_thread_count(self.threads + self._reserved)
+
     def _match(self, path: str) -> tuple[_Route | None, dict[str, str]]:
         with self._lock:
             routes = list(self._routes)
@@ -248,35 +361,103 @@ class OpsServer:
         ok, detail = result
         return Response.json({"ok": ok, **detail}, 200 if ok else 503)
 
+    # -- WSGI -----------------------------------------------------------------------------
+    def _respond(self, environ: dict) -> tuple[Response, Request | None]:
+        method = environ["REQUEST_METHOD"]
+        url = urllib.parse.urlsplit(environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/"))
+        if not self.host_check(environ.get("HTTP_HOST")):
+            log.debug("http %s: Host %r not allowed", environ.get("REMOTE_ADDR"), environ.get("HTTP_HOST"))
+            return Response.json({"error": "host not allowed (see [metrics] allowed_hosts)"}, 421), None
+        if method not in ("GET", "HEAD"):
+            return Response(405, b"", headers={"Allow": "GET, HEAD"}), None
+        route, params = self._match(url.path)
+        if route is None:
+            return Response.json({"error": "not found", "path": url.path}, 404), None
+        headers = Headers([(k[5:].replace("_", "-").title(), v) for k, v in environ.items() if k.startswith("HTTP_")])
+        req = Request(method, url.path, urllib.parse.parse_qs(url.query), headers, params, self._stopping,
+                      environ.get("regionwatch.abort", lambda: None))
+        try:
+            return route.handler(req), req
+        except Exception:
+            log.exception("http handler for %s failed", route.template)
+            return Response.json({"error": "internal error"}, 500), None
+
+    def _wsgi(self, environ: dict, start_response) -> Iterable[bytes]:
+        resp, _ = self._respond(environ)
+        body = resp.body
+        headers = [("Content-Type", resp.content_type), *resp.headers.items()]
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            headers.append(("Content-Length", str(len(body))))
+            start_response(f"{resp.status} {http.HTTPStatus(resp.status).phrase}", headers)
+            return [] if environ["REQUEST_METHOD"] == "HEAD" else [bytes(body)]
+        headers.append(("Cache-Control", "no-store"))
+        start_response(f"{resp.status} {http.HTTPStatus(resp.status).phrase}", headers)
+        stream = _Body(body, self._stopping)
+        if environ["REQUEST_METHOD"] == "HEAD":
+            stream.close()
+            return []
+        return stream
+
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Bind and serve in a daemon thread (raises OSError if the address is taken)."""
-        if self._httpd is not None:
+        if self._server is not None:
             raise RuntimeError("server already started")
-        infos = socket.getaddrinfo(self.host or None, self._requested_port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        family = infos[0][0]
-        host = infos[0][4][0] if self.host else ("0.0.0.0" if family == socket.AF_INET else "::")
-        server_cls = type("_BoundServer", (_Server,), {"address_family": family})
-        httpd = server_cls((host, self._requested_port), _RequestHandler)
-        httpd.ops = self
-        self._httpd = httpd
+        sock = bind_socket(self.host, self._requested_port)
+        adj = Adjustments(
+            threads=self.threads + self._reserved,
+            connection_limit=self.max_connections,
+            backlog=1024,
+            channel_timeout=self.idle_timeout_s,
+            cleanup_interval=1,
+            asyncore_use_poll=True,  # select() cannot watch descriptors above 1024
+            outbuf_high_watermark=256 * 1024,  # a non-reading client blocks its stream after this
+            outbuf_overflow=1024 * 1024,
+            max_request_header_size=64 * 1024,
+            max_request_body_size=64 * 1024,
+            ident="regionwatch",
+            expose_tracebacks=False,
+            log_socket_errors=True,  # demoted to DEBUG by _QuietClientResets
+        )
+        waitress_log = logging.getLogger("waitress")
+        if _QUIET not in waitress_log.filters:
+            waitress_log.addFilter(_QUIET)
+        try:
+            server = _Server(self._wsgi, sock, adj, read_timeout_s=self.read_timeout_s,
+                             write_timeout_s=self.write_timeout_s)
+        except BaseException:
+            sock.close()
+            raise
+        self._address = tuple(sock.getsockname()[:2])  # type: ignore[assignment]
+        self._server = server
         self._stopping.clear()
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="ops-http", daemon=True)
+        self._thread = threading.Thread(target=server.run, name="ops-http", daemon=True)
         self._thread.start()
         log.info("metrics and health on %s", self.url)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving, end streaming responses and close the socket."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
+    def stop(self, timeout: float = 5.0, *, grace_s: float = 1.5) -> None:
+        """Stop serving: streamed responses end (within ``grace_s``, so clients see a complete
+        response), then every connection and the listening socket are closed."""
+        server, self._server = self._server, None
+        if server is None:
             return
         self._stopping.set()
-        httpd.shutdown()
-        httpd.server_close()
+        grace_end = time.monotonic() + min(grace_s, timeout)
+        while time.monotonic() < grace_end and any(
+            ch.requests or ch.total_outbufs_len for ch in list(server.active_channels.values())
+        ):
+            time.sleep(0.02)  # responses finishing and being flushed
+
+        def close_everything() -> None:  # runs in the event-loop thread
+            for channel in list(server.active_channels.values()):
+                channel.handle_close()  # wakes a worker blocked on a full output buffer
+            wasyncore.close_all(server._map)  # the listening socket and the trigger: the loop ends
+
+        server.trigger.pull_trigger(close_everything)
+        deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> OpsServer:
         self.start()
@@ -287,15 +468,14 @@ class OpsServer:
 
     @property
     def running(self) -> bool:
-        return self._httpd is not None
+        return self._server is not None
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port)."""
-        if self._httpd is None:
+        if self._server is None or self._address is None:
             raise RuntimeError("server not started")
-        addr = self._httpd.server_address
-        return str(addr[0]), int(addr[1])
+        return str(self._address[0]), int(self._address[1])
 
     @property
     def port(self) -> int:
@@ -310,3 +490,4 @@ class OpsServer:
         elif host == "::":
             host = "::1"
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+

@@ -129,6 +129,18 @@ class Metrics:
         )
 
 
+        # State directory (seq store, outbox, snapshots): failed writes never stop delivery
+        self.state_errors = Counter(
+            f"{NS}_state_errors", "Failed writes to the state directory, by store.", ["store"], registry=r
+        )
+        self.state_degraded = Gauge(
+            f"{NS}_state_degraded", "1 while writes to the store fail (not durable).", ["store"], registry=r
+        )
+        self.outbox_memory = Gauge(
+            f"{NS}_outbox_memory_events", "Outbox events held only in memory (the state disk failed).", registry=r
+        )
+
+
     def camera(self, camera: str) -> CameraMetrics:
         """The series of one camera, bound once (the per-frame path does no label lookups)."""
         return CameraMetrics(self, camera)

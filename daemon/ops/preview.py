@@ -7,6 +7,9 @@ Off by default (``[preview] enabled = true`` turns it on). Routes, added to the
 * ``/cameras/{id}/latest.jpg`` — the newest frame, annotated (503 until the first frame).
 * ``/cameras/{id}/preview.mjpeg`` — ``multipart/x-mixed-replace`` MJPEG of the annotated stream,
   at most ``[preview] max_fps`` frames per second per client (at most ``max_clients`` streams).
+  A client that stops reading cannot keep its slot: when the slots are full, streams whose
+  client has not taken a part for ``STALL_S`` are closed to make room (and the listener closes
+  any connection whose response has not moved for its write timeout).
 
 The pipeline hot path only records a reference to the newest frame and its
 :class:`~daemon.draw.Scene` (a few microseconds); drawing and JPEG encoding happen in the HTTP
@@ -51,6 +54,9 @@ BOUNDARY = "regionwatch-frame"
 KEEPALIVE_S = 2.0
 """With no new frame (a stalled camera), the last one is re-sent this often: it shows the
 client the stream is alive and frees the slot of a client that went away."""
+STALL_S = 3.0
+"""A stream whose client has not taken its last part for this long is stalled: its slot goes to
+the next viewer who needs one."""
 
 _SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
@@ -104,43 +110,63 @@ class _MjpegStream:
     """The body of one MJPEG response: an iterator of multipart chunks, capped at ``max_fps``.
 
     ``close()`` (called by the server when the client leaves or the server stops) frees the
-    client slot, even when iteration never began (HEAD).
+    client slot, even when iteration never began (HEAD). :meth:`evict` also closes the connection.
     """
 
-    def __init__(self, cam: CameraPreview, max_fps: float, stopping: threading.Event, release):
+    def __init__(self, cam: CameraPreview, max_fps: float, stopping: threading.Event, release, abort=lambda: None):
         self.cam = cam
         self.period = 1.0 / max_fps
         self.stopping = stopping
         self._release = release
+        self._abort = abort
         self._last_index: int | None = None
         self._last_sent = float("-inf")
+        self._handed_over = time.monotonic()  # when the server last got a part (or the headers)
+        self._producing = False
         self._closed = False
 
     def __iter__(self) -> _MjpegStream:
         return self
 
+    @property
+    def stalled(self) -> bool:
+        """The server has not come back for the next part for ``STALL_S``: it is stuck writing to a
+        client that does not read."""
+        return not self._producing and time.monotonic() - self._handed_over > STALL_S
+
     def __next__(self) -> bytes:
-        while not (self._closed or self.stopping.is_set()):
-            wait = self._last_sent + self.period - time.monotonic()
-            if wait > 0 and self.stopping.wait(wait):
-                break
-            fresh = self.cam.wait_newer(self._last_index, timeout=KEEPALIVE_S)
-            if not fresh and self._last_index is None:
-                continue  # nothing to show yet
-            item = self.cam.jpeg()
-            if item is None:
-                continue
-            self._last_index, jpeg = item
-            self._last_sent = time.monotonic()
-            head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
-            return head + jpeg + b"\r\n"
-        self.close()
-        raise StopIteration
+        self._producing = True
+        try:
+            while not (self._closed or self.stopping.is_set()):
+                wait = self._last_sent + self.period - time.monotonic()
+                if wait > 0 and self.stopping.wait(wait):
+                    break
+                # Short waits, so a stopping server is noticed at once; re-send after KEEPALIVE_S.
+                fresh = self.cam.wait_newer(self._last_index, timeout=0.25)
+                if not fresh and (self._last_index is None or time.monotonic() - self._last_sent < KEEPALIVE_S):
+                    continue
+                item = self.cam.jpeg()
+                if item is None:
+                    continue
+                self._last_index, jpeg = item
+                self._last_sent = time.monotonic()
+                head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
+                return head + jpeg + b"\r\n"
+            self.close()
+            raise StopIteration
+        finally:
+            self._producing = False
+            self._handed_over = time.monotonic()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._release()
+            self._release(self)
+
+    def evict(self) -> None:
+        """Free the slot and close the connection (its client stopped reading)."""
+        self.close()
+        self._abort()
 
 
 class Preview:
@@ -156,7 +182,7 @@ class Preview:
         self.config = config
         self.cameras = {c.id: CameraPreview(c, config.jpeg_quality) for c in cameras}
         self.max_clients = max_clients
-        self._clients = 0
+        self._streams: set[_MjpegStream] = set()
         self._lock = threading.Lock()
 
     def observer(self, camera: str) -> CameraPreview:
@@ -164,6 +190,7 @@ class Preview:
         return self.cameras[camera]
 
     def mount(self, server: OpsServer) -> None:
+        server.reserve_threads(self.max_clients)  # streams never take the threads /metrics needs
         server.add_route("/", self.index)
         server.add_route("/cameras/{camera}/latest.jpg", self.latest)
         server.add_route("/cameras/{camera}/preview.mjpeg", self.mjpeg)
@@ -171,7 +198,7 @@ class Preview:
     @property
     def clients(self) -> int:
         with self._lock:
-            return self._clients
+            return len(self._streams)
 
     # -- handlers ---------------------------------------------------------------------------
     def index(self, req: Request) -> Response:
@@ -215,16 +242,24 @@ class Preview:
         if isinstance(cam, Response):
             return cam
         with self._lock:
-            if self._clients >= self.max_clients:
+            if len(self._streams) >= self.max_clients:
+                stalled = [s for s in self._streams if s.stalled]
+            else:
+                stalled = []
+        for s in stalled:  # outside the lock: evicting releases the slot
+            log.info("preview: closing a %s stream whose client stopped reading, to make room", s.cam.camera)
+            s.evict()
+        with self._lock:
+            if len(self._streams) >= self.max_clients:
                 return Response.json({"error": f"too many preview clients (max {self.max_clients})"}, 503)
-            self._clients += 1
-        stream = _MjpegStream(cam, self.config.max_fps, req.stopping, self._release)
+            stream = _MjpegStream(cam, self.config.max_fps, req.stopping, self._release, req.abort)
+            self._streams.add(stream)
         headers = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
         return Response(200, stream, f"multipart/x-mixed-replace; boundary={BOUNDARY}", headers)
 
-    def _release(self) -> None:
+    def _release(self, stream: _MjpegStream) -> None:
         with self._lock:
-            self._clients -= 1
+            self._streams.discard(stream)
 
 
 def _is_loopback(host: str) -> bool:

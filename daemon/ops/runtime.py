@@ -41,6 +41,23 @@ SKIP_REASONS = ("consumer_behind",)
 """Frame-skip reasons known up front (pre-created at 0 so dashboards show 0, not "no data")."""
 
 
+def allowed_hosts(config) -> list[str]:
+    """``[metrics] allowed_hosts`` plus the host of ``public_url`` (links in events point there).
+
+    Example:
+        >>> from daemon.config import MetricsConfig
+        >>> allowed_hosts(MetricsConfig(allowed_hosts=["box.lan"], public_url="https://cams.example.org/rw"))
+        ['box.lan', 'cams.example.org']
+    """
+    from urllib.parse import urlsplit
+
+    hosts = list(config.allowed_hosts)
+    public = urlsplit(config.public_url).hostname if config.public_url else None
+    if public and public not in hosts:
+        hosts.append(public)
+    return hosts
+
+
 class Ops:
     """Health, the HTTP listener and systemd notifications for one app.
 
@@ -58,7 +75,8 @@ class Ops:
         self.health = Health(metrics=metrics, heartbeat_timeout_s=heartbeat_timeout_s)
         self.notifier = SystemdNotifier(env)
         self.server: OpsServer | None = (
-            OpsServer(config.listen, metrics=metrics, health=self.health) if config.enabled else None
+            OpsServer(config.listen, metrics=metrics, health=self.health, allowed_hosts=allowed_hosts(config))
+            if config.enabled else None
         )
         self.status_every_s = status_every_s
         self._last_status = float("-inf")

@@ -18,7 +18,16 @@ The database uses SQLite's write-ahead log. ``[state] fsync`` maps onto ``PRAGMA
 The outbox is bounded by ``max_events`` and ``max_age_s``: when a bound is hit the *oldest*
 events are dropped, counted in ``regionwatch_outbox_dropped_total{reason=...}`` and logged with
 their camera and ``seq`` range (consumers also see the gap in ``seq``). Only one process may use
-an outbox at a time (an exclusive ``flock`` on ``outbox.lock``).
+a state folder at a time (:class:`~daemon.statedir.StateDir`: an exclusive ``flock`` on
+``state.lock``); an outbox opened on its own takes that lock itself.
+
+When the disk fails (full, I/O error, read-only), the outbox never refuses an event: it keeps new
+events in memory, in order, under the same row ids, and delivery goes on from there. Deletes of
+acknowledged events that fail are remembered and skipped. Every failure is reported to
+:class:`~daemon.statedir.StateHealth` (counted, logged once per episode, ``/readyz`` not ready).
+With each new event and every few seconds the outbox tries again: the events held in memory are
+written to the database (with their row ids, so order and acknowledgements are unaffected) and
+durability resumes. Events still only in memory when the daemon stops are lost, and logged so.
 
 Example:
     >>> import tempfile
@@ -34,16 +43,17 @@ Example:
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Literal
+
+from daemon.statedir import StateDir, StateLockedError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +74,8 @@ CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created);
 """
 
 
-class OutboxLockedError(RuntimeError):
-    """Another process holds the outbox of this state directory."""
+class OutboxLockedError(StateLockedError):
+    """Another process holds the state folder of this outbox."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +99,17 @@ def _seq_ranges(rows: list[tuple[str, int]]) -> str:
     return ", ".join(f"{c} seq {lo}" if lo == hi else f"{c} seq {lo}-{hi}" for c, (lo, hi) in sorted(spans.items()))
 
 
+_DISK_ERRORS = (sqlite3.Error, OSError)
+
+
 class Outbox:
-    """A bounded, ordered, crash-safe queue of serialized events in SQLite.
+    """A bounded, ordered, crash-safe queue of serialized events in SQLite (in memory while the
+    disk fails).
 
     Thread-safe: ``put`` is called by the pipeline, ``after``/``remove`` by the delivery thread.
-    ``metrics`` (a :class:`daemon.ops.metrics.Metrics`) is optional; when given, ``outbox_depth``
-    and ``outbox_dropped`` are kept up to date.
+    ``metrics`` (a :class:`daemon.ops.metrics.Metrics`) is optional; when given, ``outbox_depth``,
+    ``outbox_memory`` and ``outbox_dropped`` are kept up to date. ``state_dir`` is the daemon's
+    locked :class:`~daemon.statedir.StateDir`; without it the outbox locks the folder itself.
     """
 
     def __init__(
@@ -107,11 +122,11 @@ class Outbox:
         metrics=None,
         clock: Callable[[], float] = time.time,
         drop_log_interval_s: float = 60.0,
+        state: StateDir | None = None,
     ):
         if fsync not in SYNCHRONOUS:
             raise ValueError(f"fsync must be one of {sorted(SYNCHRONOUS)}, got {fsync!r}")
         self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "outbox.sqlite3"
         self.max_events = int(max_events)
         self.max_age_s = float(max_age_s)
@@ -119,19 +134,33 @@ class Outbox:
         self._metrics = metrics
         self._clock = clock
         self._lock = threading.Lock()
-        self._lock_file = open(self.dir / "outbox.lock", "a+")  # noqa: SIM115 (held until close)
+        self._own_state = state is None
+        if state is None:
+            try:
+                state = StateDir.open(self.dir, metrics=metrics)
+            except StateLockedError as e:
+                raise OutboxLockedError(f"the MQTT outbox: {e}") from None
+        self._state = state
+        self._health = state.health
         try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_file.close()
-            raise OutboxLockedError(
-                f"the MQTT outbox in {self.dir} is in use by another process (one daemon per state dir)"
-            ) from None
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={SYNCHRONOUS[fsync]}")
-        self._db.executescript(_SCHEMA)
-        self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={SYNCHRONOUS[fsync]}")
+            self._db.executescript(_SCHEMA)
+            self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            # Row ids are handed out here (not by SQLite), so events kept in memory while the disk
+            # fails keep their place in the order and their id when they are written later.
+            top = self._db.execute(
+                "SELECT MAX(COALESCE((SELECT MAX(rowid) FROM outbox), 0),"
+                " COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0))"
+            ).fetchone()[0]
+        except BaseException:
+            if self._own_state:
+                state.close()
+            raise
+        self._next_rowid = int(top) + 1
+        self._memory: dict[int, OutboxItem] = {}  # rowid -> event not yet written (disk failing)
+        self._tombstones: set[int] = set()  # rowids acknowledged, but not yet deleted from the database
         # Drops are logged at once, then summarised at most every drop_log_interval_s.
         self._drop_log_interval_s = drop_log_interval_s
         self._drop_last_log = -float("inf")
@@ -139,6 +168,7 @@ class Outbox:
         self._closed = False
         if self._count:
             log.info("MQTT outbox %s holds %d undelivered event(s) from a previous run", self.path, self._count)
+        self._health.add_retry(self.retry)
         self.prune()
         self._update_depth()
 
@@ -146,37 +176,36 @@ class Outbox:
     def put(self, *, event_id: str, camera: str, seq: int, payload: bytes) -> int:
         """Store one event durably (per the fsync policy) and return its row id.
 
-        If this takes the outbox over ``max_events``, the oldest events are dropped (and logged).
+        When the database cannot be written the event is kept in memory (and the failure
+        reported); it never raises for the disk. If this takes the outbox over ``max_events``,
+        the oldest events are dropped (and logged).
         """
         with self._lock:
             self._check_open()
-            rowid = self._db.execute(
-                "INSERT INTO outbox(event_id, camera, seq, created, payload) VALUES (?, ?, ?, ?, ?)",
-                (event_id, camera, int(seq), self._clock(), bytes(payload)),
-            ).lastrowid
+            item = OutboxItem(self._next_rowid, event_id, camera, int(seq), self._clock(), bytes(payload))
+            self._next_rowid += 1
+            if self._memory:
+                self._flush_memory_locked()  # older events first, so rows stay in order
+            if self._memory or not self._write_locked([item]):
+                self._memory[item.rowid] = item
             self._count += 1
             if self._count > self.max_events:
                 self._drop_oldest_locked(self._count - self.max_events)
             self._update_depth()
-            return int(rowid)
+            return item.rowid
 
     def remove(self, rowids: Iterable[int]) -> int:
         """Delete acknowledged events; returns how many were still there."""
-        ids = [(int(r),) for r in rowids]
+        ids = {int(r) for r in rowids}
         if not ids:
             return 0
         with self._lock:
             self._check_open()
-            before = self._db.total_changes
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany("DELETE FROM outbox WHERE rowid = ?", ids)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            removed = self._db.total_changes - before
-            self._count -= removed
+            in_memory = ids & self._memory.keys()
+            for rowid in in_memory:
+                del self._memory[rowid]
+            removed = len(in_memory) + self._delete_locked(sorted(ids - in_memory - self._tombstones))
+            self._count = max(0, self._count - removed)
             self._update_depth()
             return removed
 
@@ -186,59 +215,158 @@ class Outbox:
             if self._closed:
                 return 0
             cutoff = self._clock() - self.max_age_s
-            rows = self._db.execute(
-                "SELECT rowid, camera, seq FROM outbox WHERE created < ? ORDER BY rowid", (cutoff,)
-            ).fetchall()
+            try:
+                rows = [r for r in self._db.execute(
+                    "SELECT rowid, camera, seq FROM outbox WHERE created < ? ORDER BY rowid", (cutoff,)
+                ).fetchall() if r[0] not in self._tombstones]
+            except _DISK_ERRORS as e:
+                self._health.failed("outbox", self.path, e)
+                rows = []
+            rows += [(i.rowid, i.camera, i.seq) for i in self._memory.values() if i.created < cutoff]
             if rows:
-                self._delete_locked(rows, "max_age")
+                self._drop_locked(rows, "max_age")
             self._flush_drop_log_locked(force=False)
             self._update_depth()
             return len(rows)
+
+    def retry(self) -> None:
+        """Write the events held in memory and apply pending deletes, if the disk works again."""
+        with self._lock:
+            if self._closed or not (self._memory or self._tombstones):
+                return
+            self._flush_memory_locked()
+            self._update_depth()
 
     # -- reading ---------------------------------------------------------------------------
     def after(self, rowid: int, limit: int = 1000) -> list[OutboxItem]:
         """Up to ``limit`` events with a row id greater than ``rowid``, oldest first."""
         with self._lock:
             self._check_open()
-            rows = self._db.execute(
-                "SELECT rowid, event_id, camera, seq, created, payload FROM outbox "
-                "WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                (int(rowid), int(limit)),
-            ).fetchall()
-        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+            try:
+                rows = self._db.execute(
+                    "SELECT rowid, event_id, camera, seq, created, payload FROM outbox "
+                    "WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                    (int(rowid), int(limit) + len(self._tombstones)),
+                ).fetchall()
+            except _DISK_ERRORS as e:
+                # Unreadable: what is in memory still goes out now. The cursor then passes the
+                # unread rows; they go out after the next reconnect (or restart), in order again.
+                self._health.failed("outbox", self.path, e)
+                rows = []
+            items = [OutboxItem(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows if r[0] not in self._tombstones]
+            items += [i for i in self._memory.values() if i.rowid > rowid]
+        items.sort(key=lambda i: i.rowid)
+        return items[: int(limit)]
 
     def __len__(self) -> int:
+        """Events waiting (after :meth:`close`: those kept on disk for the next start)."""
         with self._lock:
             return self._count
 
+    @property
+    def in_memory(self) -> int:
+        """Events held only in memory because the database could not be written."""
+        with self._lock:
+            return len(self._memory)
+
     def close(self) -> None:
-        """Log any pending drop summary, close the database and release the directory lock."""
+        """Write what is held in memory if possible (else log what is lost), log any pending drop
+        summary, close the database and release the folder's lock if the outbox took it."""
         with self._lock:
             if self._closed:
                 return
+            if self._memory or self._tombstones:
+                self._flush_memory_locked()
+            if self._memory:
+                log.error(
+                    "MQTT outbox: %d undelivered event(s) were held only in memory because %s could not be "
+                    "written; they are lost (%s)",
+                    len(self._memory), self.path, _seq_ranges([(i.camera, i.seq) for i in self._memory.values()]),
+                )
+                self._count -= len(self._memory)  # len() now tells what the next start will find
+            if self._tombstones:
+                log.warning("MQTT outbox: %d delivered event(s) could not be deleted from %s and will be delivered "
+                            "again after the next start (consumers dedupe by id)", len(self._tombstones), self.path)
             self._flush_drop_log_locked(force=True)
             self._closed = True
             self._db.close()
-            self._lock_file.close()  # releases the flock
+            if self._own_state:
+                self._state.close()
 
     # -- internals ---------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("outbox is closed")
 
-    def _drop_oldest_locked(self, n: int) -> None:
-        rows = self._db.execute("SELECT rowid, camera, seq FROM outbox ORDER BY rowid LIMIT ?", (n,)).fetchall()
-        self._delete_locked(rows, "max_events")
-
-    def _delete_locked(self, rows: list[tuple[int, str, int]], reason: str) -> None:
-        self._db.execute("BEGIN")
+    def _write_locked(self, items: list[OutboxItem]) -> bool:
+        """Insert ``items`` (with their row ids) in one transaction; False (reported) if the disk fails."""
         try:
-            self._db.executemany("DELETE FROM outbox WHERE rowid = ?", [(r[0],) for r in rows])
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO outbox(rowid, event_id, camera, seq, created, payload) VALUES (?, ?, ?, ?, ?, ?)",
+                [astuple(i) for i in items],
+            )
             self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._count -= len(rows)
+        except _DISK_ERRORS as e:
+            self._rollback_locked()
+            self._health.failed("outbox", self.path, e)
+            return False
+        self._health.ok("outbox")
+        return True
+
+    def _flush_memory_locked(self) -> None:
+        if self._tombstones:
+            self._delete_locked(sorted(self._tombstones))
+        if self._memory and self._write_locked(list(self._memory.values())):
+            self._memory.clear()
+
+    def _delete_locked(self, rowids: list[int]) -> int:
+        """Delete rows from the database; rows that cannot be deleted now become tombstones
+        (skipped by :meth:`after`, deleted later). Returns how many rows this removes from the queue."""
+        if not rowids:
+            return 0
+        pending = [r for r in rowids if r not in self._tombstones]
+        try:
+            before = self._db.total_changes
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM outbox WHERE rowid = ?", [(r,) for r in rowids])
+            self._db.execute("COMMIT")
+            deleted = self._db.total_changes - before
+        except _DISK_ERRORS as e:
+            self._rollback_locked()
+            self._health.failed("outbox", self.path, e)
+            self._tombstones.update(pending)
+            return len(pending)  # assumed present: the queue forgets them, the disk catches up later
+        self._tombstones.difference_update(rowids)
+        self._health.ok("outbox")
+        return deleted - (len(rowids) - len(pending))
+
+    def _rollback_locked(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _drop_oldest_locked(self, n: int) -> None:
+        rows: list[tuple[int, str, int]] = []
+        try:
+            rows = [r for r in self._db.execute(
+                "SELECT rowid, camera, seq FROM outbox ORDER BY rowid LIMIT ?", (n + len(self._tombstones),)
+            ).fetchall() if r[0] not in self._tombstones][:n]
+        except _DISK_ERRORS as e:
+            self._health.failed("outbox", self.path, e)
+        if len(rows) < n:  # memory rows are newer than every database row
+            rows += [(i.rowid, i.camera, i.seq) for i in sorted(self._memory.values(), key=lambda i: i.rowid)][: n - len(rows)]
+        self._drop_locked(rows, "max_events")
+
+    def _drop_locked(self, rows: list[tuple[int, str, int]], reason: str) -> None:
+        on_disk = []
+        for r in rows:
+            if self._memory.pop(r[0], None) is None:
+                on_disk.append(r[0])
+        self._delete_locked(on_disk)
+        self._count = max(0, self._count - len(rows))
         if self._metrics is not None:
             self._metrics.outbox_dropped.labels(reason=reason).inc(len(rows))
         self._drop_pending.setdefault(reason, []).extend((r[1], r[2]) for r in rows)
@@ -265,3 +393,4 @@ class Outbox:
     def _update_depth(self) -> None:
         if self._metrics is not None:
             self._metrics.outbox_depth.set(self._count)
+            self._metrics.outbox_memory.set(len(self._memory))

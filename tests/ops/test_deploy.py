@@ -192,6 +192,7 @@ def test_dockerfile_matches_the_repository_and_compose():
 def test_container_config_is_a_valid_config():
     data = tomllib.loads((DEPLOY / "regionwatch.toml").read_text())
     assert data["metrics"]["listen"] == "0.0.0.0:9108"  # reachable by Prometheus in the compose network
+    assert "regionwatch" in data["metrics"]["allowed_hosts"]  # the Host header Prometheus sends
     assert data["sinks"]["mqtt"]["host"] == "mosquitto"
     assert data["sinks"]["mqtt"]["password_file"] == "/run/secrets/mqtt-password"
     if not MODEL.exists():

@@ -1,10 +1,14 @@
-"""The ops HTTP listener: /metrics, /healthz, /readyz, added routes, streaming, IPv6, shutdown."""
+"""The ops HTTP listener: /metrics, /healthz, /readyz, added routes, streaming, IPv6, shutdown,
+and what nobody can do to it: idle sockets, slow or silent clients, non-reading streams, foreign Host
+names, connection resets."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
+import struct
 import threading
 import time
 import urllib.error
@@ -182,24 +186,30 @@ def test_streaming_body_arrives_in_chunks_and_ends_on_stop():
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def test_streaming_ends_when_the_client_leaves():
-    srv = OpsServer("127.0.0.1:0")
-    closed = threading.Event()
+def endless_stream(closed: threading.Event):
+    """A route handler streaming 64 KiB chunks until the server stops; ``closed`` is set when its
+    body is closed (the client left, or the server stopped)."""
 
     def stream(req):
         def parts():
             try:
-                while True:
+                while not req.stopping.is_set():
                     yield b"x" * 65536
             finally:
                 closed.set()
 
         return Response(200, parts(), "application/octet-stream")
 
-    srv.add_route("/s", stream)
+    return stream
+
+
+def test_streaming_ends_when_the_client_leaves():
+    srv = OpsServer("127.0.0.1:0")
+    closed = threading.Event()
+    srv.add_route("/s", endless_stream(closed))
     with srv:
         s = socket.create_connection(("127.0.0.1", srv.port))
-        s.sendall(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /s HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert s.recv(1024).startswith(b"HTTP/1.1 200")
         s.close()
         assert closed.wait(5), "the server kept producing for a client that left"
@@ -227,3 +237,122 @@ def test_address_in_use_raises_and_stop_is_idempotent():
     a.stop()
     with pytest.raises(RuntimeError):
         a.address
+
+
+# -- nobody can tie the listener up (issue 12) ----------------------------------------------------
+def timed_get(url: str) -> float:
+    t0 = time.perf_counter()
+    status, _, body = get(url)
+    assert status == 200 and body
+    return time.perf_counter() - t0
+
+
+def test_300_idle_sockets_cost_no_threads_and_metrics_still_answer(server):
+    """Probe: 300 idle sockets made 312 threads (+2.8 GB virtual) on the stdlib server, backlog 5."""
+    timed_get(server.url + "/metrics")  # warm
+    threads_before = threading.active_count()
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        half = [s for s in idle[:150]]
+        for s in half:  # half of them start a request and never finish it
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.5)  # let the event loop accept them all
+        took = sorted(timed_get(server.url + "/metrics") for _ in range(5))
+        assert threading.active_count() <= threads_before, "idle connections must not cost threads"
+        assert took[2] < 0.1, f"/metrics took {took} with 300 idle connections open"
+        assert get(server.url + "/healthz")[0] == 200
+    finally:
+        for s in idle:
+            s.close()
+
+
+def _closed_by_server(s: socket.socket, within: float) -> bool:
+    s.settimeout(within)
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_read_timeout_closes_slow_and_silent_clients():
+    with OpsServer("127.0.0.1:0", health=Health(), read_timeout_s=1.0, idle_timeout_s=60) as srv:
+        silent = socket.create_connection(("127.0.0.1", srv.port))
+        slow = socket.create_connection(("127.0.0.1", srv.port))
+        slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        for _ in range(6):  # a header line every 0.5 s: active, but the request never completes
+            slow.sendall(b"X-Slow: 1\r\n")
+            time.sleep(0.5)
+        assert _closed_by_server(slow, 3.0), "a request that never completes must be cut"
+        assert _closed_by_server(silent, 3.0), "a connection that never sends a request must be cut"
+        assert time.monotonic() - t0 < 8
+        assert get(srv.url + "/healthz")[0] == 200
+
+
+def test_write_timeout_closes_a_client_that_stopped_reading():
+    srv = OpsServer("127.0.0.1:0", write_timeout_s=1.0)
+    closed = threading.Event()
+    srv.add_route("/s", endless_stream(closed))
+    with srv:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", srv.port))
+        s.sendall(b"GET /s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert closed.wait(20), "a stream nobody reads must be closed by the write timeout"
+        assert get(srv.url + "/nothing")[0] == 404
+        s.close()
+
+
+def test_host_allow_list_stops_dns_rebinding():
+    with OpsServer("127.0.0.1:0", health=Health(), allowed_hosts=["box.lan"]) as srv:
+        def status(host: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+            conn.putrequest("GET", "/healthz", skip_host=True)
+            conn.putheader("Host", host)
+            conn.endheaders()
+            code = conn.getresponse().status
+            conn.close()
+            return code
+
+        for ok in (f"127.0.0.1:{srv.port}", f"localhost:{srv.port}", "[::1]", "box.lan", "BOX.LAN:9108", "10.0.0.7"):
+            assert status(ok) == 200, ok
+        for bad in ("evil.example", f"rebind.evil.example:{srv.port}", "box.lan.evil.example"):
+            assert status(bad) == 421, bad
+    with OpsServer("127.0.0.1:0", health=Health(), allowed_hosts=["*"]) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        conn.putrequest("GET", "/healthz", skip_host=True)
+        conn.putheader("Host", "anything.example")
+        conn.endheaders()
+        assert conn.getresponse().status == 200
+
+
+def test_client_resets_are_debug_lines_and_no_python_version_is_sent(caplog):
+    srv = OpsServer("127.0.0.1:0")
+    srv.add_route("/s", endless_stream(threading.Event()))
+    srv.add_route("/t", lambda req: Response.text("t"))
+    with caplog.at_level(logging.INFO), srv:
+        status, headers, _ = get(srv.url + "/t")
+        assert status == 200 and headers["Server"] == "regionwatch"
+        for _ in range(5):  # read a little, then reset the connection (RST, not FIN)
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.sendall(b"GET /s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            s.recv(1000)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        time.sleep(1.0)
+        assert get(srv.url + "/t")[0] == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("waitress")], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_only_get_and_head():
+    with OpsServer("127.0.0.1:0", health=Health()) as srv:
+        status, headers, _ = get(srv.url + "/healthz", method="POST")
+        assert status == 405 and headers["Allow"] == "GET, HEAD"

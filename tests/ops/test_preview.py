@@ -13,6 +13,7 @@ installs it); the tests that need them skip with a clear message otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -114,28 +115,38 @@ def frames(footage) -> list[np.ndarray]:
     return out
 
 
-@pytest.fixture
-def served(frames, footage):
-    hall = CameraConfig(id="hall", url=str(footage), regions=[RegionConfig(id="table", polygon=POLYGON)])
-    door = CameraConfig(id="door", url="rtsp://192.0.2.10/stream1")  # never sends a frame
+@contextlib.contextmanager
+def serving(frames, cameras, config: PreviewConfig, max_clients: int):
+    """A listener with the preview mounted, its first camera fed with the footage's frames."""
     srv = OpsServer("127.0.0.1:0", metrics=Metrics())
-    preview = Preview(PreviewConfig(enabled=True, max_fps=5.0, jpeg_quality=80), [hall, door], max_clients=2)
+    preview = Preview(config, cameras, max_clients=max_clients)
     preview.mount(srv)
     srv.start()
     stop = threading.Event()
+    cam = cameras[0].id
 
     def feed():  # what the pipeline thread does: call the observer for every frame, 25 per second
         i = 0
         while not stop.wait(0.04):
-            preview.observer("hall")(Frame("hall", i, i / 25, time.time(), frames[i % len(frames)]), None, [])
+            preview.observer(cam)(Frame(cam, i, i / 25, time.time(), frames[i % len(frames)]), None, [])
             i += 1
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    yield srv, preview
-    stop.set()
-    feeder.join(5)
-    srv.stop()
+    try:
+        yield srv, preview
+    finally:
+        stop.set()
+        feeder.join(5)
+        srv.stop()
+
+
+@pytest.fixture
+def served(frames, footage):
+    hall = CameraConfig(id="hall", url=str(footage), regions=[RegionConfig(id="table", polygon=POLYGON)])
+    door = CameraConfig(id="door", url="rtsp://192.0.2.10/stream1")  # never sends a frame
+    with serving(frames, [hall, door], PreviewConfig(enabled=True, max_fps=5.0, jpeg_quality=80), 2) as sp:
+        yield sp
 
 
 def wait_until(cond, timeout: float = 10.0) -> bool:
@@ -373,3 +384,38 @@ def test_daemon_preview_in_headless_chromium(daemon, tmp_path):
     daemon.errlog.seek(0)
     err = daemon.errlog.read()
     assert "live preview enabled" in err and "Traceback" not in err
+
+
+def test_clients_that_stop_reading_do_not_lock_out_viewers(frames, footage):
+    """Probe: 8 non-reading MJPEG clients used to hold every slot (and a server thread each) forever."""
+    hall = CameraConfig(id="hall", url=str(footage), regions=[RegionConfig(id="table", polygon=POLYGON)])
+    with serving(frames, [hall], PreviewConfig(enabled=True, max_fps=30.0), 8) as (srv, preview):
+        url = f"{srv.url}/cameras/hall/preview.mjpeg"
+        hogs = []
+        try:
+            for _ in range(8):  # take every slot, read the response headers, then never read again
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", srv.port))
+                s.sendall(b"GET /cameras/hall/preview.mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert s.recv(64).startswith(b"HTTP/1.1 200")
+                hogs.append(s)
+            assert wait_until(lambda: preview.clients == 8)
+            t0 = time.monotonic()
+            reader = None
+            while reader is None and time.monotonic() - t0 < 60:
+                assert get(f"{srv.url}/metrics")[0] == 200  # never starved by the streams
+                try:
+                    reader = MjpegReader(url)
+                except urllib.error.HTTPError as e:
+                    assert e.code == 503
+                    time.sleep(0.5)
+            assert reader is not None, "a viewer stayed locked out by clients that do not read"
+            waited = time.monotonic() - t0
+            imgs = [decode_jpeg(reader.next_jpeg()) for _ in range(3)]
+            assert all(img.shape == (432, 768, 3) for img in imgs)
+            reader.close()
+            print(f"\na new viewer got a slot {waited:.1f} s after 8 non-reading clients took them all")
+        finally:
+            for s in hogs:
+                s.close()

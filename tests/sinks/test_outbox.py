@@ -119,7 +119,7 @@ def test_fsync_policy_maps_to_sqlite_synchronous_in_wal_mode(tmp_path, policy, s
 
 def test_one_process_per_state_dir(tmp_path):
     box = Outbox(tmp_path)
-    with pytest.raises(OutboxLockedError, match="in use by another process"):
+    with pytest.raises(OutboxLockedError, match="in use by another regionwatch process"):
         Outbox(tmp_path)
     box.close()
     Outbox(tmp_path).close()  # released on close

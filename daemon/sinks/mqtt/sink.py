@@ -66,6 +66,7 @@ class MqttSink(Sink):
         on_detection: DetectionCallback | None = None,
         shard: Shard | None = None,
         elsewhere: Collection[str] = (),
+        state_dir=None,
     ):
         self.cfg = cfg
         self.shard = shard  # [fleet]: this replica's client id and status topic (daemon/fleet.py)
@@ -81,6 +82,7 @@ class MqttSink(Sink):
             max_age_s=state.outbox_max_age_s,
             fsync=state.fsync,
             metrics=metrics,
+            state=state_dir,  # the daemon's locked StateDir (None: the outbox locks the folder itself)
         )
         self.retained = RetainedState()
         self._closing = False
@@ -225,8 +227,8 @@ class MqttSink(Sink):
             self._stats_thread.join(2.0)
         self._closed = True
         self._metrics.mqtt_connected.set(0)
-        pending = len(self.outbox)
         self.outbox.close()
+        pending = len(self.outbox)  # after close: what is kept on disk for the next start
         if pending:
             log.warning("MQTT sink closed with %d undelivered event(s) kept in the outbox for the next start", pending)
         else:
