@@ -110,12 +110,18 @@ class SeqStore:
     def cameras(self) -> list[str]:
         """Cameras that have a number here (fleet: to forget the ones that moved to another shard)."""
         with self._lock:
-            return [row[0] for row in self._db.execute("SELECT camera FROM seq ORDER BY camera")]
+            return sorted(self._last)
 
     def forget(self, cameras: list[str]) -> None:
         """Drop these cameras' numbering: their next event here gets ``seq`` 1 again."""
         with self._lock:
-            self._db.executemany("DELETE FROM seq WHERE camera = ?", [(c,) for c in cameras])
+            for c in cameras:
+                self._last.pop(c, None)
+                self._unsaved.discard(c)
+            try:
+                self._db.executemany("DELETE FROM seq WHERE camera = ?", [(c,) for c in cameras])
+            except (sqlite3.Error, OSError) as e:  # the disk fails: forgotten here; the file keeps the old count
+                self._health.failed("seq", self.path, e)
 
     def close(self) -> None:
         with self._lock:

@@ -142,3 +142,26 @@ def test_a_file_that_is_not_video_exits_1_with_a_clear_error(tmp_path, yolo_mode
     assert r.returncode == 1, r.stderr[-2000:]
     assert "camera hall" in r.stderr and str(bad) in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_short_visit_at_the_frame_edge_yields_an_entry_and_an_exit(tmp_path, footage, yolo_model, regionwatch_bin):
+    """The sixth visitor leaves through the right edge of the picture, partly out of frame: their
+    feet are in the strip along that edge for about 0.6 s (frames 1352-1358 of the footage,
+    debounce 0.4 s). Cut to frames 1300-1393 so the run is short."""
+    from helpers.video import cut_clip
+
+    clip = tmp_path / "clip.mp4"
+    cut_clip(footage, clip, 1394, start=1300)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(textwrap.dedent(CONFIG.format(model=yolo_model, out=tmp_path, footage=clip)) + textwrap.dedent("""
+        [[cameras.regions]]
+        id = "right_edge"
+        polygon = [[640, 300], [768, 300], [768, 432], [640, 432]]
+        """))
+    r = subprocess.run([regionwatch_bin, "run", "--config", cfg], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    edge = [(e["type"], e["frame"] + 1300) for e in events if e["region"] == "right_edge"]
+    assert [t for t, _ in edge] == ["entry", "exit"], events
+    (_, entered), (_, left) = edge
+    assert abs(entered - 1352) <= 2 and abs(left - 1358) <= 2, edge

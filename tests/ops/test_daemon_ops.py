@@ -332,7 +332,9 @@ def test_metrics_families_and_counts_agree_with_the_run(run):
     assert any(total(samples(t), "regionwatch_mqtt_connected") == 1 for _, t in run.scrapes)
     runs = total(v, "regionwatch_detector_runs_total", camera="hall")
     assert runs == total(v, "regionwatch_detector_seconds_count", camera="hall")
-    assert 60 <= runs <= 70  # detector.interval_s = 2 s on a 10 fps, 139.4 s clip
+    # detector.interval_s = 2 s finds newcomers (>= 70 runs on the 139.4 s clip); while someone is
+    # tracked it runs every tracking_interval_s (0.3 s), still far from every frame.
+    assert 70 <= runs <= FRAMES_IN_FILE / 2
     assert total(v, "regionwatch_frames_skipped_total") == 0  # files are lossless
     assert total(v, "regionwatch_region_occupancy", camera="hall", region="table") == 0  # everyone left
     assert total(v, "process_resident_memory_bytes") > 50e6
