@@ -59,6 +59,9 @@ class DetectorConfig(Section):
     imgsz: int = Field(640, ge=32, le=4096)
     device: str = "cpu"
     min_box_area_px: float = Field(0, ge=0)
+    runtime: Literal["auto", "ultralytics"] = "auto"
+    threads: int = Field(1, ge=1, le=256)
+    max_batch: int = Field(1, ge=1, le=64)
 
     @field_validator("model")
     @classmethod
@@ -212,6 +215,7 @@ class CameraConfig(Section):
     buffer_mb: float = Field(128.0, gt=0, le=65536)
     jpeg_quality: int = Field(85, ge=10, le=100)
     queue_frames: int = Field(8, ge=1, le=1024)
+    decode_threads: int = Field(1, ge=0, le=64)
     regions: list[RegionConfig] = []
 
     @property

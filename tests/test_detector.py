@@ -46,7 +46,7 @@ def test_no_people_in_the_empty_room_or_a_black_frame(detector, frames):
 def test_person_class_only_and_min_area(yolo_model, frames):
     det = PersonDetector(str(yolo_model), min_box_area_px=1e6)
     assert len(det(frames[150])) == 0
-    assert det.model.names[det.person_class] == "person"
+    assert det.names[det.person_class] == "person"
 
 
 def test_bad_model_file_is_a_clear_error(tmp_path):
