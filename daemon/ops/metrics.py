@@ -19,6 +19,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 NS = "regionwatch"
 
+STAGES = ("decode", "jpeg", "detect", "track", "regions")
+"""Stages of ``regionwatch_stage_cpu_seconds_total``: what one camera's CPU time is spent on."""
+
 
 class Metrics:
     """Every metric the daemon exports, created on a private :class:`CollectorRegistry`."""
@@ -37,7 +40,10 @@ class Metrics:
             f"{NS}_frames_processed", "Frames that went through the pipeline.", ["camera"], registry=r
         )
         self.frames_buffered = Gauge(f"{NS}_frames_buffered", "Frames in the rolling buffer.", ["camera"], registry=r)
-        self.buffer_bytes = Gauge(f"{NS}_frame_buffer_bytes", "JPEG bytes in the rolling buffer.", ["camera"], registry=r)
+        self.buffer_bytes = Gauge(
+            f"{NS}_frame_buffer_bytes", "Bytes held in the frame buffer (JPEG history, recent frames).", ["camera"],
+            registry=r,
+        )
         self.stream_up = Gauge(f"{NS}_stream_up", "1 while the camera is streaming.", ["camera"], registry=r)
         self.stream_state = Gauge(
             f"{NS}_stream_state", "1 for the camera's current state.", ["camera", "state"], registry=r
@@ -85,6 +91,12 @@ class Metrics:
         )
         self.ready = Gauge(f"{NS}_ready", "1 when models are loaded and a camera streams.", registry=r)
         self.build = Info(f"{NS}_build", "Version, tracker backend and model names.", registry=r)
+
+        # CPU by stage: thread CPU time (daemon.ops.cpu), incl. the inference runtime's own threads
+        self.stage_cpu = Counter(
+            f"{NS}_stage_cpu_seconds", "CPU time spent for the camera, by stage (" + ", ".join(STAGES) + ").",
+            ["camera", "stage"], registry=r,
+        )
 
     def exposition(self) -> bytes:
         """The text exposition format, as served on /metrics."""
