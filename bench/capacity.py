@@ -255,7 +255,8 @@ def run_one(args: argparse.Namespace) -> dict:
 def _row(source: str, n: int, nominal: float, r: dict) -> str:
     fps = list(r["fps"].values()) or [0.0]
     per = {g: v / n for g, v in r["groups"].items()}
-    stage = " ".join(f"{s} {v / n:.3f}" for s, v in sorted(r["stages"].items())) or "-"
+    stages = r["stages"] if any(r["stages"].values()) else {}  # series created at 0 but not fed: not shown
+    stage = " ".join(f"{s} {v / n:.3f}" for s, v in sorted(stages.items())) or "-"
     return (
         f"| {source} | {n} | {min(fps):.1f} / {sum(fps) / len(fps):.1f} (of {nominal:g}) | {r['skipped']:.0f} "
         f"| {r['cpu_total']:.2f} | {r['cpu_total'] / n:.3f} | "
