@@ -1,7 +1,7 @@
 """Capacity benchmark: how many live cameras one machine holds in real time, and what each costs.
 
     .venv/bin/python bench/capacity.py [--cameras 1 2 4 8] [--seconds 30] [--sources 432p 1080p]
-                                       [--tree PATH] [--set detector.interval_s=1.0 ...]
+                                       [--tree PATH] [--baseline PATH] [--set detector.interval_s=1.0 ...]
 
 For every source kind and camera count N it runs the real daemon (:class:`daemon.app.App`, in a
 fresh subprocess per row, so rows do not share threads or memory) on N copies of the sample
@@ -18,8 +18,9 @@ the pipeline lags, like a camera), waits ``--warmup`` seconds, then measures ``-
   (the rest of the pipeline threads: tracking, regions, events), ``other`` (main loop, GC...).
   Per-thread CPU comes from ``/proc/self/task/*/schedstat``, so the split works for any version of
   the daemon (``--tree`` runs another checkout, e.g. the previous main, for a before/after table
-  from the same bench); where the daemon exports ``regionwatch_stage_cpu_seconds_total`` its
-  per-stage figures are printed too;
+  from the same bench, or ``--baseline PATH`` for both, row by row: each baseline row runs right
+  before the same row of ``--tree``, so both see the same machine load); where the daemon feeds
+  ``regionwatch_stage_cpu_seconds_total`` its per-stage figures are printed too;
 * detector runs per second and CPU milliseconds per run.
 
 The last line names the largest N with no skipped frame and every camera at full rate. Settings
@@ -252,13 +253,13 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 # -- the table --------------------------------------------------------------------------
-def _row(source: str, n: int, nominal: float, r: dict) -> str:
+def _row(source: str, n: int, nominal: float, r: dict, tree: str) -> str:
     fps = list(r["fps"].values()) or [0.0]
     per = {g: v / n for g, v in r["groups"].items()}
     stages = r["stages"] if any(r["stages"].values()) else {}  # series created at 0 but not fed: not shown
     stage = " ".join(f"{s} {v / n:.3f}" for s, v in sorted(stages.items())) or "-"
     return (
-        f"| {source} | {n} | {min(fps):.1f} / {sum(fps) / len(fps):.1f} (of {nominal:g}) | {r['skipped']:.0f} "
+        f"| {tree} | {source} | {n} | {min(fps):.1f} / {sum(fps) / len(fps):.1f} (of {nominal:g}) | {r['skipped']:.0f} "
         f"| {r['cpu_total']:.2f} | {r['cpu_total'] / n:.3f} | "
         + " | ".join(f"{per[g]:.3f}" for g in GROUPS)
         + f" | {r['det_runs']:.1f} | {r['det_cpu_ms']:.0f} | {stage} | {r['load']:.1f} |"
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (streams start)")
     ap.add_argument("--sources", nargs="+", choices=["432p", "1080p"], default=["432p", "1080p"])
     ap.add_argument("--tree", default=str(ROOT), help="checkout whose daemon to run (default: this one)")
+    ap.add_argument("--baseline", help="another checkout (e.g. the previous main) to run before each row, for comparison")
     ap.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a setting")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "regionwatch-bench"),
                     help="where the 1080p footage is made once")
@@ -295,37 +297,44 @@ def main(argv: list[str] | None = None) -> int:
         dst = Path(args.cache) / f"one-by-one-1080p15-{int(need)}s.mp4"
         print(f"1080p footage: {make_1080p(FOOTAGE, dst, need)}", file=sys.stderr)
         files["1080p"] = (dst, 15.0)
-    print(f"tree: {Path(args.tree).resolve()}  measured {args.seconds:g} s after {args.warmup:g} s warm-up; "
+    trees = {"after": args.tree} if not args.baseline else {"before": args.baseline, "after": args.tree}
+    print(f"trees: {', '.join(f'{k} = {Path(v).resolve()}' for k, v in trees.items())}; measured {args.seconds:g} s after {args.warmup:g} s warm-up; "
           f"settings: demo + {args.set or 'nothing'}; CPU in cores (CPU s / wall s); {os.cpu_count()} CPUs")
-    print("| source | cameras | processed fps min / mean | skipped | CPU total | CPU per camera | "
+    print("| tree | source | cameras | processed fps min / mean | skipped | CPU total | CPU per camera | "
           + " | ".join(f"{g} per cam" for g in GROUPS)
           + " | detector runs/s | detect CPU ms/run | stage metric per cam | load 1m |")
-    print("|" + "---|" * (10 + len(GROUPS)))
-    best: dict[str, int] = {}
+    print("|" + "---|" * (11 + len(GROUPS)))
+    best: dict[tuple[str, str], int] = {}
     for source in args.sources:
         path, nominal = files[source]
         for n in args.cameras:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", f"{source}:{n}:{path}", "--tree", args.tree,
-                   "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
-            for s in args.set or []:
-                cmd += ["--set", s]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                print(f"| {source} | {n} | failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]} |")
-                continue
-            r = json.loads(line[7:])
-            print(_row(source, n, nominal, r), flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps({"source": source, "cameras": n, "tree": args.tree, "set": args.set, **r}) + "\n")
-            keeps_up = r["skipped"] == 0 and min(r["fps"].values() or [0]) >= FULL_RATE * nominal
-            if keeps_up:
-                best[source] = max(best.get(source, 0), n)
-            elif args.stop_at_skip:
+            keeps = []
+            for label, tree in trees.items():
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--one", f"{source}:{n}:{path}", "--tree", tree,
+                       "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+                for s in args.set or []:
+                    cmd += ["--set", s]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    print(f"| {label} | {source} | {n} | failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]} |")
+                    continue
+                r = json.loads(line[7:])
+                print(_row(source, n, nominal, r, label), flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps({"tree": label, "path": tree, "source": source, "cameras": n,
+                                            "set": args.set, **r}) + "\n")
+                keeps_up = r["skipped"] == 0 and min(r["fps"].values() or [0]) >= FULL_RATE * nominal
+                if keeps_up:
+                    best[(label, source)] = max(best.get((label, source), 0), n)
+                keeps.append(keeps_up)
+            if args.stop_at_skip and not any(keeps):
                 break
-    for source in args.sources:
-        print(f"{source}: largest N with no skipped frame and every camera at full rate: {best.get(source, 0)}")
+    for label in trees:
+        for source in args.sources:
+            print(f"{label}, {source}: largest N with no skipped frame and every camera at full rate: "
+                  f"{best.get((label, source), 0)}")
     return 0
 
 
