@@ -108,10 +108,7 @@ class App:
         self.state = preflight(s, self.metrics)
         self.ops.health.add_check(self.state.health.problems)  # not ready while the state disk fails
         self.ops.start(lambda: {p.cam.id: p.source.state for p in self.pipelines})
-        self.detector = PersonDetector(
-            d.model, confidence=d.confidence, iou=d.iou, imgsz=d.imgsz, device=d.device,
-            min_box_area_px=d.min_box_area_px,
-        )
+        self.detector = PersonDetector.from_config(d)
         shared: dict = {}
         cams = [c for c in s.cameras if c.enabled]
         trackers = [build_tracker(s, c, shared, self.metrics) for c in cams]

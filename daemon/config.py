@@ -64,11 +64,18 @@ class DetectorConfig(Section):
     model: str = Field(min_length=1)
     interval_s: float = Field(0.5, ge=0, le=3600)
     tracking_interval_s: float = Field(0.3, ge=0, le=3600)
+    # While nobody is tracked, skip the detector on frames without motion (frame differencing),
+    # but run it at least every idle_check_s (someone who stood still since before the start).
+    motion_gate: bool = True
+    idle_check_s: float = Field(10.0, gt=0, le=3600)
     confidence: float = Field(0.35, gt=0, lt=1)
     iou: float = Field(0.7, gt=0, le=1)
     imgsz: int = Field(640, ge=32, le=4096)
     device: str = "cpu"
     min_box_area_px: float = Field(0, ge=0)
+    runtime: Literal["auto", "ultralytics"] = "auto"
+    threads: int = Field(1, ge=1, le=256)
+    max_batch: int = Field(1, ge=1, le=64)
 
     @field_validator("model")
     @classmethod
@@ -237,6 +244,7 @@ class CameraConfig(Section):
     buffer_mb: float = Field(128.0, gt=0, le=65536)
     jpeg_quality: int = Field(85, ge=10, le=100)
     queue_frames: int = Field(8, ge=1, le=1024)
+    decode_threads: int = Field(1, ge=0, le=64)
     regions: list[RegionConfig] = []
 
     @property

@@ -8,6 +8,12 @@ The detector does not run on every frame: :class:`DetectorSchedule` runs it ever
 ``detector.interval_s`` of stream time to find new entrants, every ``tracking_interval_s`` while
 anyone is tracked, and on the next frame whenever the tracker asks (a person it lost sight of, a
 new track waiting for confirmation). Between runs the tracker follows people on every frame.
+While nobody is tracked, frames without motion (:class:`daemon.motion.MotionDetector`) skip the
+detector, except once every ``idle_check_s`` (someone standing still since before the start).
+
+Each stage's CPU time is counted per camera (``regionwatch_stage_cpu_seconds_total``): decode and
+jpeg on the source and buffer threads, detect (the runtime's threads included), track and regions
+here.
 
 Example: the schedule on a 10 fps stream, nobody tracked, then someone tracked.
     >>> s = DetectorSchedule(interval_s=0.5, tracking_interval_s=0.2)
@@ -16,6 +22,9 @@ Example: the schedule on a 10 fps stream, nobody tracked, then someone tracked.
     >>> s = DetectorSchedule(interval_s=0.5, tracking_interval_s=0.2)
     >>> [i for i in range(12) if s.due(i / 10, tracking=True, wants=i == 3)]
     [0, 2, 3, 5, 7, 9, 11]
+    >>> s = DetectorSchedule(interval_s=0.5, tracking_interval_s=0.2, idle_check_s=1.0)
+    >>> [i for i in range(25) if s.due(i / 10, tracking=False, wants=False, moving=i in (3, 4, 17))]
+    [0, 10, 17]
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from daemon.config import CameraConfig, Settings
 from daemon.draw import MaskMemory, encode_jpeg, render_snapshot
 from daemon.events import RegionTransition
 from daemon.framebuffer import FrameBuffer
+from daemon.motion import MotionDetector
+from daemon.ops.cpu import StageCpu
 from daemon.ops.metrics import CameraMetrics
 from daemon.records import Detections, Frame, TrackUpdate
 from daemon.refine import EntryRefiner
@@ -63,18 +74,21 @@ class PipelineOutput(Protocol):
 class DetectorSchedule:
     """Decides on which frames of one camera the detector runs (module doc)."""
 
-    def __init__(self, interval_s: float, tracking_interval_s: float):
+    def __init__(self, interval_s: float, tracking_interval_s: float, idle_check_s: float | None = None):
         self.interval_s = interval_s
         self.tracking_interval_s = min(tracking_interval_s, interval_s)
+        self.idle_check_s = idle_check_s  # None: no motion gate
         self._last = float("-inf")
 
     def reset(self) -> None:
         """Run on the next frame (detection switched back on)."""
         self._last = float("-inf")
 
-    def due(self, pts_s: float, *, tracking: bool, wants: bool) -> bool:
-        """Whether to run now; a True answer counts as a run."""
+    def due(self, pts_s: float, *, tracking: bool, wants: bool, moving: bool = True) -> bool:
+        """Whether to run now (``moving``: the frame shows motion); a True answer counts as a run."""
         period = self.tracking_interval_s if tracking else self.interval_s
+        if not (tracking or moving or self.idle_check_s is None):
+            period = max(period, self.idle_check_s)  # a still, empty scene: look now and then
         if wants or pts_s + 1e-6 >= self._last + period:
             self._last = pts_s
             return True
@@ -101,7 +115,9 @@ class CameraPipeline:
         self.detector = detector
         self.stopping = stopping
         m = metrics
-        self.buffer = FrameBuffer.for_camera(cam, on_skip=m.skipped)
+        # Recent frames stay decoded (JPEG only when read): long enough for an entry's snapshot.
+        recent_s = max(2.0, settings.events.debounce_s + settings.detector.interval_s + 1.0)
+        self.buffer = FrameBuffer.for_camera(cam, on_skip=m.skipped, on_cpu=m.cpu["jpeg"].inc, recent_s=recent_s)
         self.regions = RegionLogic(
             cam.id,
             cam.regions,
@@ -111,7 +127,10 @@ class CameraPipeline:
         # One identity per person through occlusions and crossings, whatever the tracker.
         self.identity = IdentityKeeper(settings.tracker.lost_after_s)
         d = settings.detector
-        self.schedule = DetectorSchedule(d.interval_s, d.tracking_interval_s)
+        self.schedule = DetectorSchedule(d.interval_s, d.tracking_interval_s, d.idle_check_s if d.motion_gate else None)
+        self.motion = MotionDetector() if d.motion_gate else None
+        self._track_cpu = StageCpu(m.cpu["track"].inc)
+        self._regions_cpu = StageCpu(m.cpu["regions"].inc)
         # [refine]: entries moved back to the first buffered frame with the person inside.
         self.refiner = EntryRefiner.for_camera(
             settings.refine, cam.id, self.buffer, self.regions.zones, detector,
@@ -123,6 +142,7 @@ class CameraPipeline:
             on_frame=self._on_decoded,
             on_state=lambda state: output.stream_state_changed(cam.id, state),
             on_reconnect=lambda n: m.reconnects.inc(),
+            on_cpu=m.cpu["decode"].inc,
         )
         self.frames = 0
         self.detector_runs = 0
@@ -196,11 +216,20 @@ class CameraPipeline:
         self._paused = False
 
         detections = None
-        if self.schedule.due(frame.pts_s, tracking=self.identity.active > 0,
-                             wants=getattr(self.tracker, "wants_detection", False)):
+        tracking = self.identity.active > 0 or self.tracker.active > 0
+        moving = True
+        if self.motion is not None:
+            if tracking:
+                self.motion.reset()  # stale while people are followed: start afresh when they are gone
+            else:
+                with self._regions_cpu:  # cheap (~0.3 ms); counted with the region logic
+                    moving = self.motion(frame.image).moving
+        if self.schedule.due(frame.pts_s, tracking=tracking, wants=getattr(self.tracker, "wants_detection", False),
+                             moving=moving):
             t0 = time.perf_counter()
             detections = self.detector(frame.image)
             elapsed = time.perf_counter() - t0
+            m.cpu["detect"].inc(getattr(self.detector, "last_cpu_s", 0.0))
             m.detector_seconds.observe(elapsed)
             self.refiner.detector_ran(frame.index, elapsed)
             m.detector_runs.inc()
@@ -208,11 +237,13 @@ class CameraPipeline:
             m.detections.inc(len(detections))
 
         t0 = time.perf_counter()
-        update = self.tracker.update(frame, detections)
+        with self._track_cpu:
+            update = self.tracker.update(frame, detections)
+            if update is not None:
+                update = self.identity.update(update)
         if update is None:
             self._notify(frame, None, [])
             return
-        update = self.identity.update(update)
         m.tracker_seconds.observe(time.perf_counter() - t0)
         self._step(frame, update)
 
@@ -244,8 +275,9 @@ class CameraPipeline:
         m.tracks_ended.inc(len(update.ended))
         self._tracks = (self._tracks | new) - set(update.ended)
         self._masks.add(update)
-        self.refiner.observe(update)
-        transitions = self.refiner.process(self.regions.update(update))
+        with self._regions_cpu:
+            self.refiner.observe(update)
+            transitions = self.refiner.process(self.regions.update(update))
         if transitions:
             self._emit_all(transitions)
             self._publish_occupancy()

@@ -360,6 +360,8 @@ class EntryRefiner:
         self.zones = {z.id: z for z in zones}
         self.lookback = lookback
         self.enabled = enabled and lookback is not None
+        if self.enabled:  # the lookback reads frames back to the previous detector run: keep them all
+            buffer.keep_history()
         self.budget_s = budget_s
         self._on_budget_exceeded = on_budget_exceeded or (lambda: None)
         self._clock = clock

@@ -11,7 +11,10 @@
 * :func:`open_source` picks one from a :class:`~daemon.config.CameraConfig`.
 
 Frame indices keep increasing across reconnects and ``pts_s`` is monotonic per camera (see
-:class:`Timeline`). Each source exposes ``state`` (:class:`SourceState`), ``reconnects``,
+:class:`Timeline`). Each camera decodes on one thread by default (``decode_threads = 1``): cameras
+decode in parallel with each other, and threads inside one decoder only add synchronisation (and,
+with frame threading, a frame of latency per thread) — see README "Capacity". The source thread's
+CPU time (demux, decode, colour conversion, handoff) is reported through ``on_cpu(seconds)``. Each source exposes ``state`` (:class:`SourceState`), ``reconnects``,
 ``fps`` (measured) and ``error`` for metrics and health; URLs in logs and errors are redacted.
 
 Example:
@@ -52,6 +55,7 @@ _MAX_BAD_PACKETS = 200  # consecutive undecodable packets before a file is given
 OnFrame = Callable[[Frame, float], None]
 OnState = Callable[["SourceState"], None]
 OnReconnect = Callable[[int], None]
+OnCpu = Callable[[float], object]
 
 
 class SourceState(str, enum.Enum):
@@ -174,7 +178,9 @@ class VideoSource:
 
     ``on_frame(frame, decode_s)`` is called for every decoded frame before it is put into the
     buffer (``decode_s``: decode + colour conversion time); ``on_state(state)`` once when the thread
-    starts and on every state change; ``on_reconnect(count)`` on every reconnect attempt.
+    starts and on every state change; ``on_reconnect(count)`` on every reconnect attempt;
+    ``on_cpu(seconds)`` with the decode thread's CPU time since the last call, once per frame.
+    ``decode_threads``: FFmpeg decoder threads (0 = FFmpeg's choice, one per core).
     """
 
     def __init__(
@@ -186,6 +192,8 @@ class VideoSource:
         on_frame: OnFrame | None = None,
         on_state: OnState | None = None,
         on_reconnect: OnReconnect | None = None,
+        on_cpu: OnCpu | None = None,
+        decode_threads: int = 1,
     ):
         self.camera = camera
         self.url = url
@@ -199,6 +207,9 @@ class VideoSource:
         self._on_frame = on_frame or (lambda frame, decode_s: None)
         self._on_state = on_state or (lambda state: None)
         self._on_reconnect = on_reconnect or (lambda n: None)
+        self._on_cpu = on_cpu
+        self._cpu_mark = 0.0
+        self.decode_threads = decode_threads
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"source-{camera}", daemon=True)
         self._index = 0
@@ -259,6 +270,7 @@ class VideoSource:
 
     # -- helpers for subclasses ----------------------------------------------------------
     def _main(self) -> None:
+        self._cpu_mark = time.thread_time()
         self._notify(self.state)
         try:
             self._run()
@@ -297,10 +309,19 @@ class VideoSource:
         self._fps = (len(times) - 1) / span if span > 0 else 0.0
         self._last_mono = mono
         self._on_frame(frame, decode_s)
+        if self._on_cpu is not None:
+            now = time.thread_time()
+            self._on_cpu(now - self._cpu_mark)
+            self._cpu_mark = now
         if self.buffer.put(frame):
             return True
         self._stop.set()  # whoever closed the buffer wants no more frames
         return False
+
+    def _threading(self, stream) -> None:
+        """Decoder threads: one by default; slice threads only (frame threads add latency)."""
+        stream.thread_count = self.decode_threads
+        stream.thread_type = "SLICE"
 
     def _decode_packet(self, packet) -> tuple[list, float]:
         """Decode one packet to BGR arrays: ([(image, raw pts seconds or None)], seconds per frame)."""
@@ -328,11 +349,20 @@ class FileSource(VideoSource):
         *,
         on_frame: OnFrame | None = None,
         on_state: OnState | None = None,
+        on_cpu: OnCpu | None = None,
         realtime: bool = False,
+        decode_threads: int = 1,
     ):
-        super().__init__(camera, path, buffer, on_frame=on_frame, on_state=on_state)
+        super().__init__(
+            camera, path, buffer, on_frame=on_frame, on_state=on_state, on_cpu=on_cpu, decode_threads=decode_threads
+        )
         self.path = path.removeprefix("file://")
         self.realtime = realtime
+
+    def _threading(self, stream) -> None:
+        """Files not paced in real time may also use frame threads: throughput, not latency, counts."""
+        stream.thread_count = self.decode_threads
+        stream.thread_type = "SLICE" if self.realtime else "AUTO"
 
     def _fail(self, what: str) -> None:
         self.error = f"camera {self.camera}: {self.safe_url}: {what}"
@@ -349,7 +379,7 @@ class FileSource(VideoSource):
             if not container.streams.video:
                 return self._fail("no video stream in the file")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            self._threading(stream)
             rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
             expected = int(stream.frames or 0)
             timeline = Timeline(live=False, step_s=1.0 / rate)
@@ -414,9 +444,14 @@ class LiveSource(VideoSource):
         on_frame: OnFrame | None = None,
         on_state: OnState | None = None,
         on_reconnect: OnReconnect | None = None,
+        on_cpu: OnCpu | None = None,
         rng: random.Random | None = None,
+        decode_threads: int = 1,
     ):
-        super().__init__(camera, url, buffer, on_frame=on_frame, on_state=on_state, on_reconnect=on_reconnect)
+        super().__init__(
+            camera, url, buffer, on_frame=on_frame, on_state=on_state, on_reconnect=on_reconnect, on_cpu=on_cpu,
+            decode_threads=decode_threads,
+        )
         self.transport = transport
         self.open_timeout_s = open_timeout_s
         self.read_timeout_s = min(read_timeout_s, stall_timeout_s)
@@ -486,7 +521,7 @@ class LiveSource(VideoSource):
             if not container.streams.video:
                 return "no video stream"
             stream = container.streams.video[0]
-            stream.thread_type = "SLICE"  # frame threading would add a frame of latency per thread
+            self._threading(stream)
             self.timeline.new_session()
             last_frame = time.monotonic()
             streaming = False
@@ -555,6 +590,7 @@ def open_source(
     on_frame: OnFrame | None = None,
     on_state: OnState | None = None,
     on_reconnect: OnReconnect | None = None,
+    on_cpu: OnCpu | None = None,
 ) -> VideoSource:
     """The source a camera's config asks for (not started): live for network URLs, else a file.
 
@@ -579,5 +615,10 @@ def open_source(
             on_frame=on_frame,
             on_state=on_state,
             on_reconnect=on_reconnect,
+            on_cpu=on_cpu,
+            decode_threads=cfg.decode_threads,
         )
-    return FileSource(cfg.id, cfg.url, buffer, on_frame=on_frame, on_state=on_state, realtime=cfg.realtime)
+    return FileSource(
+        cfg.id, cfg.url, buffer, on_frame=on_frame, on_state=on_state, on_cpu=on_cpu, realtime=cfg.realtime,
+        decode_threads=cfg.decode_threads,
+    )

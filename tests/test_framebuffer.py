@@ -207,3 +207,62 @@ def test_for_camera_follows_config(tmp_path):
     )
     assert FrameBuffer.for_camera(CameraConfig(id="f", url=str(clip))).lossless
     assert not FrameBuffer.for_camera(CameraConfig(id="f", url=str(clip), realtime=True)).lossless
+
+
+# -- recent frames kept decoded, JPEG on demand (the daemon's default) --------------------------------
+def _take(buf: FrameBuffer, frames) -> list:
+    got = []
+    for f in frames:
+        assert buf.put(f)
+        got.append(buf.get(timeout=1))
+    return got
+
+
+def test_recent_frames_are_kept_as_decoded_and_encoded_only_when_read(images):
+    cpu: list[float] = []
+    buf = FrameBuffer("cam", lossless=False, encode_all=False, recent_s=1.0, on_cpu=cpu.append)
+    _take(buf, [frame(i, images[i]) for i in range(30)])  # 3 s at 10 fps
+    c = buf.counts()
+    assert c.encoded == 0 and cpu == [], "nothing is encoded until someone reads a frame"
+    held = buf.history()
+    assert [f.index for f in held] == list(range(19, 30)), "the last recent_s seconds the pipeline took"
+    assert (c.recent, c.recent_bytes) == (11, 11 * images[0].nbytes) and buf.stats() == (11, 11 * images[0].nbytes)
+    f = buf.find(25)
+    image = f.decode()
+    assert np.array_equal(image, images[25]), "the decoded frame itself, not a JPEG round trip"
+    image[:] = 0
+    assert np.array_equal(buf.find(25).decode(), images[25]), "readers get a copy they may draw on"
+    assert cv2.PSNR(images[25], cv2.imdecode(np.frombuffer(f.jpeg, np.uint8), cv2.IMREAD_COLOR)) > 30
+    assert f.jpeg is f.jpeg and buf.counts().encoded == 1, "encoded once, on first read"
+    assert len(cpu) == 1 and cpu[0] > 0
+    assert buf.latest().index == 29 and buf.nearest(2.04).index == 20 and buf.find(3) is None
+    assert buf.remember(frame(27, images[27])) is buf.find(27) and buf.counts().encoded == 1
+    assert buf.flush(0.1), "no encoder thread to wait for"
+
+
+def test_frames_the_pipeline_never_took_are_not_kept(images):
+    buf = FrameBuffer("cam", lossless=False, capacity=2, encode_all=False)
+    for i in range(10):
+        buf.put(frame(i, images[i]))
+    taken = [buf.get(timeout=1).index for _ in range(2)]
+    assert taken == [8, 9] and [f.index for f in buf.history()] == [8, 9]
+    assert buf.counts().skipped == {SKIP_CONSUMER_BEHIND: 8}
+
+
+def test_recent_frames_bounded_by_megabytes(images):
+    buf = FrameBuffer("cam", lossless=False, encode_all=False, recent_s=60, buffer_s=60,
+                      buffer_mb=5.5 * images[0].nbytes / 2**20)
+    _take(buf, [frame(i, images[i]) for i in range(20)])
+    assert [f.index for f in buf.history()] == [15, 16, 17, 18, 19]
+
+
+def test_keep_history_encodes_every_frame_again(images):
+    cpu: list[float] = []
+    buf = FrameBuffer.for_camera(CameraConfig(id="door", url="rtsp://cam/1"), on_cpu=cpu.append)
+    assert not buf.encode_all
+    buf.keep_history()  # what entry refinement asks for
+    _take(buf, [frame(i, images[i]) for i in range(6)])
+    assert buf.flush(10) and buf.counts().encoded == 6 and len(cpu) == 6
+    assert [f.index for f in buf.history()] == list(range(6)) and buf.counts().recent == 0
+    buf.close()
+    assert buf.join(5)

@@ -460,3 +460,23 @@ def test_timeline_handles_missing_pts_and_jumps():
     out.append(t(0.0, 130.0))  # after a 30 s outage
     assert np.all(np.diff(out) > 0)
     np.testing.assert_allclose(out, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 30.0], atol=1e-5)
+
+
+def test_decode_cpu_is_reported_per_frame_on_one_decoder_thread(footage):
+    """on_cpu gets the source thread's CPU for every frame; with one decoder thread that is all of it."""
+    cpu: list[float] = []
+    cfg = CameraConfig(id="hall", url=str(footage))
+    buf = FrameBuffer.for_camera(cfg)
+    src = open_source(cfg, buf, on_cpu=cpu.append)
+    assert src.decode_threads == 1
+    before = {t.native_id for t in threading.enumerate()}
+    tasks0 = set(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else set()
+    src.start()
+    frames = [buf.get(timeout=10) for _ in range(100)]
+    tasks = set(os.listdir("/proc/self/task")) if tasks0 else set()
+    src.stop()
+    assert all(f is not None for f in frames)
+    assert len(cpu) >= 100 and all(c >= 0 for c in cpu) and sum(cpu) > 0
+    # No codec worker threads were started: the decode thread is the only new one.
+    new = {int(t) for t in tasks - tasks0} - before
+    assert len(new) <= 1, new

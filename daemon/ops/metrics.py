@@ -22,6 +22,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 NS = "regionwatch"
 
+STAGES = ("decode", "jpeg", "detect", "track", "regions")
+"""Stages of ``regionwatch_stage_cpu_seconds_total``: what one camera's CPU time is spent on."""
+
 
 class Metrics:
     """Every metric the daemon exports, created on a private :class:`CollectorRegistry`."""
@@ -40,7 +43,10 @@ class Metrics:
             f"{NS}_frames_processed", "Frames that went through the pipeline.", ["camera"], registry=r
         )
         self.frames_buffered = Gauge(f"{NS}_frames_buffered", "Frames in the rolling buffer.", ["camera"], registry=r)
-        self.buffer_bytes = Gauge(f"{NS}_frame_buffer_bytes", "JPEG bytes in the rolling buffer.", ["camera"], registry=r)
+        self.buffer_bytes = Gauge(
+            f"{NS}_frame_buffer_bytes", "Bytes held in the frame buffer (JPEG history, recent frames).", ["camera"],
+            registry=r,
+        )
         self.stream_up = Gauge(f"{NS}_stream_up", "1 while the camera is streaming.", ["camera"], registry=r)
         self.stream_state = Gauge(
             f"{NS}_stream_state", "1 for the camera's current state.", ["camera", "state"], registry=r
@@ -141,6 +147,13 @@ class Metrics:
         )
 
 
+        # CPU by stage: thread CPU time (daemon.ops.cpu), incl. the inference runtime's own threads
+        self.stage_cpu = Counter(
+            f"{NS}_stage_cpu_seconds", "CPU time spent for the camera, by stage (" + ", ".join(STAGES) + ").",
+            ["camera", "stage"], registry=r,
+        )
+
+
     def camera(self, camera: str) -> CameraMetrics:
         """The series of one camera, bound once (the per-frame path does no label lookups)."""
         return CameraMetrics(self, camera)
@@ -171,6 +184,7 @@ class CameraMetrics:
         self.tracks_started = m.tracks_started.labels(camera)
         self.tracks_ended = m.tracks_ended.labels(camera)
         self.refine_budget_exceeded = m.refine_budget_exceeded.labels(camera)
+        self.cpu = {stage: m.stage_cpu.labels(camera, stage) for stage in STAGES}  # CPU seconds by stage
 
     def skipped(self, reason: str, n: int = 1) -> None:
         """Frames not processed, by reason (``consumer_behind``, ``pipeline_error``)."""

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 
 from daemon.ops.gpu import update_gpu_memory
 from daemon.ops.health import Health, StreamStates
+from daemon.ops.metrics import STAGES
 from daemon.ops.httpd import OpsServer
 from daemon.ops.systemd import SystemdNotifier
 
@@ -106,6 +107,8 @@ class Ops:
             m.reconnects.labels(cam.id)
             for reason in SKIP_REASONS:
                 m.frames_skipped.labels(cam.id, reason)
+            for stage in STAGES:
+                m.stage_cpu.labels(cam.id, stage)
             for region in cam.regions:
                 for kind in ("entry", "exit"):
                     m.events.labels(cam.id, region.id, kind)
