@@ -245,7 +245,7 @@ def test_budget_is_respected(tiny_budget):
 def test_person_not_found_before_the_entry(refined):
     """Visitor 2 appears out of nothing at 242, already inside: first seen by the detector at 250."""
     e = entries_by_visitor(refined[1])[7]
-    assert LOST_FROM < e["footage_detected"] <= 250, e  # the entry of a new track is its first sighting
+    assert LOST_FROM <= e["footage_detected"] <= 250, e  # the entry of a new track is its first sighting
     assert e["refined"] == "person_lost", e
     assert abs(e["footage_frame"] - LOST_FROM) <= TOLERANCE_FRAMES, e
 

@@ -365,7 +365,8 @@ def test_readyz_not_ready_before_models_load_and_ready_after(run):
     first_ok = next(i for i, (_, s, _) in enumerate(ready) if s == 200)
     assert all(s == 503 for _, s, _ in ready[:first_ok])
     loading = [b for _, _, b in ready[:first_ok] if not b["models_loaded"]]
-    assert len(loading) >= 3, "the not-ready window before models loaded was not observed"
+    # (Loading the detector takes well under a second with the direct runtimes: one answer suffices.)
+    assert loading, "the not-ready window before models loaded was not observed"
     assert ready[first_ok][2]["models_loaded"] is True and ready[first_ok][2]["cameras"] == {"hall": "streaming"}
     # READY=1 reached "systemd" after the last "models not loaded" answer, about when /readyz said 200.
     t_ready = next(t for t, msg in run.notify if "READY=1" in msg)
