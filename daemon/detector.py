@@ -74,3 +74,32 @@ class PersonDetector:
         if self.min_box_area_px > 0:
             keep &= (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]) >= self.min_box_area_px
         return Detections(xyxy[keep], conf[keep])
+
+
+class ReplaceableDetector:
+    """The detector every camera calls, replaceable while they run (a configuration reload).
+
+    A call in progress finishes on the detector it started with; the next one uses the new one,
+    so cameras keep their tracks when only the detector changes.
+
+    Example:
+        >>> d = ReplaceableDetector(lambda image: "old")
+        >>> old = d.replace(lambda image: "new")
+        >>> old(None), d(None)
+        ('old', 'new')
+    """
+
+    def __init__(self, detector):
+        self.current = detector
+
+    def replace(self, detector):
+        """Use ``detector`` from the next call on; returns the previous one."""
+        old, self.current = self.current, detector
+        return old
+
+    @property
+    def model_name(self) -> str:
+        return self.current.model_name
+
+    def __call__(self, image_bgr: np.ndarray) -> Detections:
+        return self.current(image_bgr)
