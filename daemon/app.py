@@ -361,8 +361,8 @@ class App:
         held = sum(getattr(getattr(k, "outbox", None), "in_memory", 0) for k in self.sinks if k.name in plan.sinks)
         if not held:
             return []
-        return [f"sinks.mqtt: {held} event(s) wait in memory because the state disk cannot be written; "
-                "reload again once it recovers (see /readyz)"]
+        return [(f"sinks.mqtt: {held} event(s) wait in memory because the state disk cannot be written; "
+                 "reload again once it recovers (see /readyz)")]
 
     def _stop_cameras(self, cameras: Collection[str], timeout_s: float = 20.0) -> None:
         """Stop and drain these cameras' pipelines: everyone inside gets their exit."""

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from helpers import wait_until
 from helpers.video import cut_clip
 
 from daemon.app import App
@@ -53,14 +54,6 @@ anchor = "{anchor}"
 """
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
 
 def test_reload_swaps_the_detector_keeps_restart_only_keys_and_restarts_cameras_for_tracker_changes(
         tmp_path, footage, yolo_model, caplog):
@@ -69,8 +62,8 @@ def test_reload_swaps_the_detector_keeps_restart_only_keys_and_restarts_cameras_
     cut_clip(footage, clip, 185, start=55, crf=18, size=(384, 216))
 
     def settings(**kw) -> Settings:
-        values = dict(model=yolo_model, out=tmp_path, clip=clip, confidence=0.35, lost_after_s=2.0,
-                      listen="127.0.0.1:9108", anchor="bottom_center", tracker="") | kw
+        values = {"model": yolo_model, "out": tmp_path, "clip": clip, "confidence": 0.35, "lost_after_s": 2.0,
+                  "listen": "127.0.0.1:9108", "anchor": "bottom_center", "tracker": ""} | kw
         return Settings.from_toml_text(textwrap.dedent(CONFIG.format(**values)))
 
     def events() -> list[dict]:

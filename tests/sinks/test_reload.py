@@ -101,8 +101,8 @@ def test_sighup_applies_a_valid_config_restarting_only_what_changed_and_ignores_
     log = tmp_path / "daemon.log"
     proc = subprocess.Popen([str(regionwatch_bin), "run", "--config", str(cfg)], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    text = lambda: log.read_text(errors="replace")  # noqa: E731
-    events = lambda: jsonl_events(tmp_path / "events.jsonl")  # noqa: E731
+    text = lambda: log.read_text(errors="replace")
+    events = lambda: jsonl_events(tmp_path / "events.jsonl")
     try:
         assert wait_until(lambda: {e["camera"] for e in events()} == {"hall", "door", "gate"}, 240, 0.05), text()
         before = events()
@@ -168,7 +168,7 @@ def test_sighup_applies_a_valid_config_restarting_only_what_changed_and_ignores_
     # Every frame of hall was processed exactly once (a restart would read its file again); gate's
     # file was read twice (partly, then whole); no frame skipped.
     assert status == 200, scrape
-    frames = lambda cam: metric_value(scrape, f'regionwatch_frames_processed_total{{camera="{cam}"}}')  # noqa: E731
+    frames = lambda cam: metric_value(scrape, f'regionwatch_frames_processed_total{{camera="{cam}"}}')
     assert frames("hall") == FRAMES and frames("yard") == FRAMES, scrape
     assert FRAMES < frames("gate") < 2 * FRAMES and frames("door") < FRAMES
     assert metric_value(scrape, "regionwatch_frames_skipped_total") == 0
