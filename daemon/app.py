@@ -68,18 +68,23 @@ def build_sinks(settings: Settings, metrics: Metrics, shard: Shard | None = None
     """
     sinks: list[Sink] = []
     state_dir = Path(settings.state.dir)
-    if settings.sinks.mqtt.enabled and "mqtt" in only:
-        # First: its durable outbox holds every event before any other sink shows it.
-        from daemon.sinks.mqtt import MqttSink
+    try:
+        if settings.sinks.mqtt.enabled and "mqtt" in only:
+            # First: its durable outbox holds every event before any other sink shows it.
+            from daemon.sinks.mqtt import MqttSink
 
-        sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras, device=device,
-                              on_detection=on_detection, shard=shard, elsewhere=elsewhere, state_dir=state,
-                              start=start))
-    if settings.sinks.stdout.enabled and "stdout" in only:
-        sinks.append(StdoutSink())
-    if settings.sinks.jsonl.path and "jsonl" in only:
-        snap_dir = state_dir / "snapshots" if settings.sinks.jsonl.snapshots else None
-        sinks.append(JsonlSink(settings.sinks.jsonl.path, snapshots_dir=snap_dir, health=state and state.health))
+            sinks.append(MqttSink(settings.sinks.mqtt, settings.state, metrics, settings.cameras, device=device,
+                                  on_detection=on_detection, shard=shard, elsewhere=elsewhere, state_dir=state,
+                                  start=start))
+        if settings.sinks.stdout.enabled and "stdout" in only:
+            sinks.append(StdoutSink())
+        if settings.sinks.jsonl.path and "jsonl" in only:
+            snap_dir = state_dir / "snapshots" if settings.sinks.jsonl.snapshots else None
+            sinks.append(JsonlSink(settings.sinks.jsonl.path, snapshots_dir=snap_dir, health=state and state.health))
+    except BaseException:
+        for sink in sinks:  # the ones built so far (an open outbox) are not left behind
+            sink.close()
+        raise
     return sinks
 
 
@@ -335,19 +340,27 @@ class App:
             except ModelLoadError as e:
                 return self._rejected([str(e)])
         starting = [c for c in new.cameras if c.id in plan.added or c.id in plan.restarted]
-        trackers = {c.id: build_tracker(new, c, self._shared, self.metrics) for c in starting}
+        try:
+            trackers = {c.id: build_tracker(new, c, self._shared, self.metrics) for c in starting}
+        except Exception as e:  # SAM2: the shared server refused a camera
+            return self._rejected([f"tracker: cannot track the new cameras: {type(e).__name__}: {e}"])
         if self.stopping.is_set():
             log.warning("configuration reload abandoned: the daemon is stopping")
             return False
         log.info("configuration reload: %s (changed: %s)", plan.describe(), ", ".join(plan.keys))
         self._stop_cameras(plan.removed + plan.restarted)  # their exits reach the sinks in place now
+        if self.stopping.is_set():  # a stop signal while they drained: the shutdown takes over
+            log.warning("configuration reload interrupted by the stop: cameras %s stopped, nothing started",
+                        ", ".join(plan.removed + plan.restarted))
+            return False
         if detector is not None:
             self.detector.replace(detector)
+        previous = self.settings
         self.configured, self.fleet, self.settings = settings, fleet, new
         if plan.added or plan.removed:
             self.switches = DetectionSwitches(new.state.dir, [c.id for c in new.cameras if c.enabled])
         if plan.sinks:
-            self._rebuild_sinks(plan.sinks)
+            self._rebuild_sinks(plan.sinks, previous)
         self._start_cameras(starting, trackers)
         if detector is not None:
             self._export_build()
@@ -401,22 +414,24 @@ class App:
                 stack.enter_context(self._emit_locks[camera])
             yield
 
-    def _rebuild_sinks(self, names: Collection[str]) -> None:
-        """Close the named sinks (after they flushed), build them from the new settings, tell
-        them the current state, then start them. Events wait for the new sinks meanwhile."""
+    def _rebuild_sinks(self, names: Collection[str], previous: Settings) -> None:
+        """Close the named sinks (after they flushed), build them from the new settings (from
+        ``previous`` if that fails), tell them the current state, then start them. Events wait
+        for the new sinks meanwhile."""
         with self._events_held():
             for sink in [k for k in self.sinks if k.name in names]:
                 try:
                     sink.handover()
                 except Exception:
                     log.exception("sink %s: close failed", sink.name)
-            try:
-                new = self._build_sinks(self.settings, names, start=False)
-            except Exception as e:  # its preconditions were checked: a disk or a race
-                log.error("sinks %s: cannot build them from the new configuration (%s: %s); events go to "
-                          "the other sinks only until the next reload or restart", ", ".join(sorted(names)),
-                          type(e).__name__, e)
-                new = []
+            new: list[Sink] = []
+            for settings, which in ((self.settings, "new"), (previous, "previous")):
+                try:  # the preconditions were checked: only a disk failing now, or a race, ends here
+                    new = self._build_sinks(settings, names, start=False)
+                    break
+                except Exception as e:
+                    log.error("sinks %s: cannot build them from the %s configuration: %s: %s",
+                              ", ".join(sorted(names)), which, type(e).__name__, e)
             order = {name: i for i, name in enumerate(SINK_ORDER)}
             with self._sinks_lock:
                 kept = [k for k in self.sinks if k.name not in names]

@@ -209,6 +209,8 @@ class MqttSink(Sink):
         Events are already durable when ``publish`` returns; this only waits for delivery, and
         returns at once (False) while the broker is unreachable. True when the outbox is empty.
         """
+        if not self._started:
+            return len(self.outbox) == 0  # never connected: nothing to wait for
         deadline = time.monotonic() + timeout
         while True:
             if len(self.outbox) == 0 and self.retained.idle:
