@@ -257,9 +257,13 @@ class MqttSink(Sink):
         else:
             log.info("MQTT sink closed; outbox empty")
 
+    HANDOVER_WAIT_S = 1.0
+    """How long a handover waits for acknowledgements: events wait meanwhile (a reload holds
+    them), and whatever is not acknowledged goes out again from the new sink (the outbox)."""
+
     def handover(self) -> None:
         """Close for a new MQTT sink that takes over at once: see :meth:`close` (``handover``)."""
-        self.close(handover=True)
+        self.close(self.HANDOVER_WAIT_S, handover=True)
 
     @property
     def connected(self) -> bool:
