@@ -54,20 +54,27 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load_or_exit(path: str, shard: str | None = None) -> Settings:
-    """Load and validate; ``shard`` (``--shard I/N``) overrides ``[fleet] shard``. Exit 2 if invalid."""
+def _load(path: str, shard: str | None = None) -> Settings:
+    """Load and validate; ``shard`` (``--shard I/N``) overrides ``[fleet] shard``.
+
+    Raises :class:`ConfigError` with ``section.key: problem`` lines."""
     try:
         settings = load_settings(path)
         if shard is not None:
             settings.fleet = FleetConfig(shard=shard)
         return settings
-    except ConfigError as e:
-        problems = e.problems
     except ValidationError as e:  # from --shard
-        problems = [p.replace("shard: ", "--shard: ", 1) for p in format_validation_error(e)]
-    for p in problems:
-        print(p, file=sys.stderr)
-    raise SystemExit(2)
+        raise ConfigError([p.replace("shard: ", "--shard: ", 1) for p in format_validation_error(e)]) from None
+
+
+def _load_or_exit(path: str, shard: str | None = None) -> Settings:
+    """:func:`_load`, or print the problems and exit 2."""
+    try:
+        return _load(path, shard)
+    except ConfigError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -91,9 +98,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.sinks.mqtt import MqttConfigError
 
     app = App(settings)
+    logging_config = settings.logging
+
+    def reload() -> None:
+        """SIGHUP: read the file again; an invalid one changes nothing (each problem logged)."""
+        nonlocal logging_config
+        log.info("reading the configuration again from %s", args.config)
+        try:
+            new = _load(args.config, args.shard)
+        except ConfigError as e:
+            app.reload_rejected(e.problems, args.config)
+            return
+        if app.reload(new) and new.logging != logging_config:
+            logging_config = new.logging  # [logging] applies at once (--log-level still wins)
+            setup_logging(args.log_level or new.logging.level, new.logging.format)
+            log.info("logging: level %s, format %s", args.log_level or new.logging.level, new.logging.format)
+
     # SIGTERM/SIGINT stop gracefully (twice: exit now); other fatal signals stop gracefully and
-    # exit 128+n; SIGHUP is logged and ignored (see daemon/ops/signals.py).
-    signals = SignalHandling(on_stop=app.request_stop)
+    # exit 128+n; SIGHUP reloads the configuration (see daemon/ops/signals.py).
+    signals = SignalHandling(on_stop=app.request_stop, on_reload=reload)
     signals.install()
     started = time.monotonic()
     try:

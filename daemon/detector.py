@@ -237,3 +237,37 @@ class PersonDetector:
         conf = boxes.conf.cpu().numpy().astype(np.float32).reshape(-1)
         keep = boxes.cls.cpu().numpy().reshape(-1).astype(int) == self.person_class
         return xyxy[keep], conf[keep], extra
+
+
+class ReplaceableDetector:
+    """The detector every camera calls, replaceable while they run (a configuration reload).
+
+    A call in progress finishes on the detector it started with; the next one uses the new one,
+    so cameras keep their tracks when only the detector changes.
+
+    Example:
+        >>> d = ReplaceableDetector(lambda image: "old")
+        >>> old = d.replace(lambda image: "new")
+        >>> old(None), d(None)
+        ('old', 'new')
+    """
+
+    def __init__(self, detector):
+        self.current = detector
+
+    def replace(self, detector):
+        """Use ``detector`` from the next call on; returns the previous one."""
+        old, self.current = self.current, detector
+        return old
+
+    @property
+    def model_name(self) -> str:
+        return self.current.model_name
+
+    @property
+    def last_cpu_s(self) -> float:
+        """CPU of the calling thread's last call (see :attr:`PersonDetector.last_cpu_s`)."""
+        return getattr(self.current, "last_cpu_s", 0.0)
+
+    def __call__(self, image_bgr: np.ndarray) -> Detections:
+        return self.current(image_bgr)

@@ -102,3 +102,40 @@ def first_edge_crossing(points: np.ndarray, *, block: int = 128) -> tuple[int, i
         if len(hit):
             return int(rows[hit[0, 0]]), int(hit[0, 1])
     return None
+
+
+def polygon_meets_frame(polygon, size: tuple[int, int]) -> bool:
+    """Whether any part of a polygon (edge or inside) lies in the frame ``[0, w] x [0, h]``.
+
+    False means the polygon lies entirely outside frames of that size (a region drawn for another
+    resolution, say). Each edge is clipped to the frame (Liang–Barsky, all edges at once); when
+    no edge reaches the frame, the frame is either wholly inside the polygon or wholly outside it,
+    which its centre tells.
+
+    Example:
+        >>> polygon_meets_frame([[700, 400], [900, 400], [900, 500]], (640, 360))
+        False
+        >>> polygon_meets_frame([[600, 300], [900, 300], [900, 500]], (640, 360))
+        True
+        >>> polygon_meets_frame([[-9, -9], [999, -9], [999, 999], [-9, 999]], (640, 360))  # around the frame
+        True
+        >>> polygon_meets_frame([[-100, 50], [50, -100], [-100, -100]], (640, 360))  # bounding box overlaps, polygon not
+        False
+    """
+    import cv2
+
+    w, h = size
+    p = np.asarray(polygon, np.float64).reshape(-1, 2)
+    d = np.roll(p, -1, axis=0) - p  # edge k: p[k] + t * d[k], t in [0, 1]
+    t0, t1 = np.zeros(len(p)), np.ones(len(p))
+    meets = np.ones(len(p), bool)
+    # Inside the frame side by side: x >= 0, x <= w, y >= 0, y <= h, each as pk * t <= qk.
+    for pk, qk in ((-d[:, 0], p[:, 0]), (d[:, 0], w - p[:, 0]), (-d[:, 1], p[:, 1]), (d[:, 1], h - p[:, 1])):
+        meets &= ~((pk == 0) & (qk < 0))  # parallel to that side and beyond it
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = qk / pk
+        t0 = np.where(pk < 0, np.maximum(t0, r), t0)
+        t1 = np.where(pk > 0, np.minimum(t1, r), t1)
+    if np.any(meets & (t0 <= t1)):
+        return True
+    return cv2.pointPolygonTest(p.astype(np.float32).reshape(-1, 1, 2), (w / 2, h / 2), False) >= 0

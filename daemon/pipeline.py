@@ -39,6 +39,7 @@ from daemon.config import CameraConfig, Settings
 from daemon.draw import MaskMemory, encode_jpeg, render_snapshot
 from daemon.events import RegionTransition
 from daemon.framebuffer import FrameBuffer
+from daemon.geometry import polygon_meets_frame
 from daemon.motion import MotionDetector
 from daemon.ops.cpu import StageCpu
 from daemon.ops.metrics import CameraMetrics
@@ -153,6 +154,7 @@ class CameraPipeline:
         self._masks = MaskMemory(keep_s=settings.events.debounce_s + 2.0)  # entry-snapshot masks
         self._tracks: set[int] = set()
         self._paused = False  # detection switched off (see _pause)
+        self._sizes: set[tuple[int, int]] = set()  # frame sizes the regions were checked against
         self._thread = threading.Thread(target=self._run, name=f"pipeline-{cam.id}", daemon=True)
         self.done = threading.Event()
 
@@ -207,6 +209,8 @@ class CameraPipeline:
         m = self.metrics
         self.last_frame = frame
         self.frames += 1
+        if frame.size not in self._sizes:  # the first frame, or a reconnect at another resolution
+            self._check_regions(frame.size)
         m.frames_processed.inc()
         n, nbytes = self.buffer.stats()
         m.frames_buffered.set(n)
@@ -246,6 +250,16 @@ class CameraPipeline:
             return
         m.tracker_seconds.observe(time.perf_counter() - t0)
         self._step(frame, update)
+
+    def _check_regions(self, size: tuple[int, int]) -> None:
+        """A WARNING for each region that lies entirely outside frames of ``size`` (once per size)."""
+        self._sizes.add(size)
+        for r in self.cam.regions:
+            if not polygon_meets_frame(r.polygon, size):
+                xs, ys = [x for x, _ in r.polygon], [y for _, y in r.polygon]
+                log.warning("camera %s: region %s lies entirely outside the %dx%d frame (polygon x %g..%g, y %g..%g); "
+                            "nobody can ever be inside it (is the polygon drawn for another resolution?)",
+                            self.cam.id, r.id, size[0], size[1], min(xs), max(xs), min(ys), max(ys))
 
     def finish(self, frame: Frame | None = None) -> None:
         """End of stream (or detection paused): end every track, exits at their last sighting."""

@@ -67,6 +67,34 @@ def listen_problems(listen: str) -> list[str]:
     return []
 
 
+def mqtt_problems(settings: Settings) -> list[str]:
+    """The broker password and the TLS files can be read (when the MQTT sink is on)."""
+    cfg = settings.sinks.mqtt
+    if not cfg.enabled:
+        return []
+    from daemon.sinks.mqtt.credentials import MqttConfigError, read_password, tls_context
+
+    try:
+        read_password(cfg)
+        if cfg.tls.enabled:
+            tls_context(cfg.tls)
+    except MqttConfigError as e:  # names its key already
+        return [str(e) if str(e).startswith("sinks.mqtt") else f"sinks.mqtt: {e}"]
+    except (OSError, ValueError) as e:
+        return [f"sinks.mqtt.tls: {e}"]
+    return []
+
+
+def sink_problems(settings: Settings, sinks) -> list[str]:
+    """I/O preconditions of the named sinks (``"jsonl"``, ``"mqtt"``), before a reload builds them."""
+    problems: list[str] = []
+    if "jsonl" in sinks:
+        problems += jsonl_problems(settings.sinks.jsonl.path)
+    if "mqtt" in sinks:
+        problems += mqtt_problems(settings)
+    return problems
+
+
 def preflight(settings: Settings, metrics=None) -> StateDir:
     """Check every I/O precondition; return the opened (locked, checked) state folder.
 

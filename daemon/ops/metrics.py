@@ -94,6 +94,14 @@ class Metrics:
         )
         self.ready = Gauge(f"{NS}_ready", "1 when models are loaded and a camera streams.", registry=r)
         self.build = Info(f"{NS}_build", "Version, tracker backend and model names.", registry=r)
+        # Configuration reloads (SIGHUP): applied, or rejected with the running configuration kept
+        self.config_reloads = Counter(f"{NS}_config_reloads", "Configuration reloads by result.", ["result"], registry=r)
+        self.config_reload_ok = Gauge(
+            f"{NS}_config_last_reload_successful", "1 unless the last configuration reload was rejected.", registry=r
+        )
+        for result in ("applied", "rejected"):
+            self.config_reloads.labels(result)
+        self.config_reload_ok.set(1)
 
         # Fleet ([fleet] shard): which replica this is and how many cameras it runs
         self.shard = Info(f"{NS}_shard", "This replica's shard index and the shard count (0 of 1 alone).", registry=r)

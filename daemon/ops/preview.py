@@ -189,6 +189,17 @@ class Preview:
         """The pipeline observer of ``camera``."""
         return self.cameras[camera]
 
+    def watch(self, cam: CameraConfig) -> CameraPreview:
+        """Show ``cam`` (a camera started by a configuration reload, or restarted with new regions);
+        returns its pipeline observer."""
+        preview = CameraPreview(cam, self.config.jpeg_quality)
+        self.cameras = {**self.cameras, cam.id: preview}  # a new dict: HTTP threads iterate the old one
+        return preview
+
+    def forget(self, camera: str) -> None:
+        """Stop showing ``camera`` (stopped by a configuration reload): its pages answer 404."""
+        self.cameras = {c: p for c, p in self.cameras.items() if c != camera}
+
     def mount(self, server: OpsServer) -> None:
         server.reserve_threads(self.max_clients)  # streams never take the threads /metrics needs
         server.add_route("/", self.index)

@@ -1,11 +1,13 @@
 """The operations side of a running app in one object: HTTP listener, health, sd_notify.
 
-The app calls five hooks; everything else (probes, watchdog rate limit, status line, GPU gauge,
+The app calls these hooks; everything else (probes, watchdog rate limit, status line, GPU gauge,
 pre-created series) happens here:
 
 - :meth:`Ops.start` before loading models: the listener comes up, ``/readyz`` says 503.
 - :meth:`Ops.loaded` once models are loaded: ``READY=1``.
 - :meth:`Ops.tick` each main-loop turn: heartbeat, ``WATCHDOG=1``, ``STATUS=``, GPU gauge.
+- :meth:`Ops.reloading` / :meth:`Ops.reloaded` around a configuration reload (SIGHUP):
+  ``RELOADING=1``, then ``READY=1``.
 - :meth:`Ops.finished` when a file-only run completed by itself (allows the linger below).
 - :meth:`Ops.begin_stop` when shutdown begins: ``STOPPING=1``, ``/readyz`` says 503.
 - :meth:`Ops.close` when shutdown is done: the listener stops (after ``[metrics] linger_s``
@@ -99,6 +101,14 @@ class Ops:
         """Models are loaded: ready as soon as a camera streams; ``READY=1`` to systemd."""
         self.health.set_models_loaded()
         self.notifier.ready(status)
+
+    def reloading(self) -> None:
+        """A configuration reload begins (``RELOADING=1``); cameras keep running meanwhile."""
+        self.notifier.reloading("reloading the configuration")
+
+    def reloaded(self) -> None:
+        """The reload is over, applied or not (``READY=1`` with a fresh status line)."""
+        self.notifier.ready(self.status_line())
 
     def init_series(self, cameras: Iterable, sinks: Iterable[str] = ()) -> None:
         """Create the known label sets at 0, so rates and panels exist before the first event."""

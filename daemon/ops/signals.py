@@ -6,8 +6,10 @@
 * Every other signal whose default action is to end the process (``SIGUSR1``, ``SIGUSR2``,
   ``SIGALRM``, ``SIGVTALRM``, ``SIGPROF``, ``SIGIO``, ``SIGPWR``, ``SIGXCPU``): the same graceful stop,
   then exit 128 + the signal number, so a supervisor sees a failure and restarts the daemon.
-* ``SIGHUP``: logged and ignored; reloading the configuration is not supported yet (restart the
-  service to apply a new one).
+* ``SIGHUP`` (``systemctl reload``): ``on_reload`` re-reads the configuration, in a thread of
+  its own so that a stop signal meanwhile is still handled at once. One reload runs at a time;
+  signals during one make one more reload after it (the file may have changed again). Without
+  ``on_reload``, and once stopping, SIGHUP is logged and ignored.
 * Core-dumping signals (``SIGQUIT``, ``SIGABRT`` from the systemd watchdog, ``SIGSEGV``…) keep
   their default: they are for crashes and debugging.
 
@@ -58,13 +60,18 @@ class SignalHandling:
 
     Args:
         on_stop: called (from the watcher thread) on the first stop or fatal signal.
+        on_reload: called (from the ``reload`` thread) for SIGHUP; exceptions are logged.
         force_exit_after_s: after a second stop signal, the process exits this soon.
         exit: how to end the process when forced (``os._exit``; replaceable in tests).
     """
 
-    def __init__(self, on_stop: Callable[[], None], *, force_exit_after_s: float = 1.5,
-                 exit: Callable[[int], None] = os._exit):
+    def __init__(self, on_stop: Callable[[], None], *, on_reload: Callable[[], None] | None = None,
+                 force_exit_after_s: float = 1.5, exit: Callable[[int], None] = os._exit):
         self.on_stop = on_stop
+        self.on_reload = on_reload
+        self._reload_lock = threading.Lock()
+        self._reload_pending = False
+        self._reloader: threading.Thread | None = None
         self.force_exit_after_s = force_exit_after_s
         self._exit = exit
         self.exit_code: int | None = None
@@ -118,8 +125,12 @@ class SignalHandling:
         """React to one signal (called by the watcher thread)."""
         name = _name(signum)
         if signum == RELOAD_SIGNAL:
-            log.warning("received %s: reloading the configuration is not supported yet; ignored "
-                        "(restart the service to apply a new configuration)", name)
+            if self.on_reload is None or self._stops:
+                log.warning("received %s: ignored (%s)", name,
+                            "stopping" if self._stops else "this command does not reload its configuration")
+                return
+            log.info("received %s: reloading the configuration", name)
+            self._request_reload()
             return
         if signum not in STOP_SIGNALS and signum not in FATAL_SIGNALS:
             return
@@ -139,6 +150,25 @@ class SignalHandling:
         timer = threading.Timer(self.force_exit_after_s, self._force, (code,))
         timer.daemon = True
         timer.start()
+
+    def _request_reload(self) -> None:
+        with self._reload_lock:
+            self._reload_pending = True
+            if self._reloader is None:
+                self._reloader = threading.Thread(target=self._reloads, name="reload", daemon=True)
+                self._reloader.start()
+
+    def _reloads(self) -> None:
+        while True:
+            with self._reload_lock:
+                if not self._reload_pending:
+                    self._reloader = None
+                    return
+                self._reload_pending = False
+            try:
+                self.on_reload()
+            except Exception:
+                log.exception("configuration reload failed; the daemon keeps running")
 
     def _force(self, code: int) -> None:
         for handler in logging.getLogger().handlers:

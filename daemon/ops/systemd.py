@@ -3,7 +3,8 @@
 Under ``Type=notify`` systemd passes ``$NOTIFY_SOCKET`` (a filesystem path, or ``@name`` for the
 abstract namespace) and, with ``WatchdogSec=``, ``$WATCHDOG_USEC``. The daemon sends datagrams
 such as ``READY=1`` (models loaded), ``WATCHDOG=1`` (the main loop turns), ``STATUS=...``
-(a human line shown by ``systemctl status``) and ``STOPPING=1``. Outside systemd every call is a
+(a human line shown by ``systemctl status``), ``RELOADING=1`` (a configuration reload, ended by
+``READY=1``) and ``STOPPING=1``. Outside systemd every call is a
 no-op that returns False.
 
 Example:
@@ -79,6 +80,13 @@ class SystemdNotifier:
     def status(self, text: str) -> bool:
         """``STATUS=...``: a free-form line for ``systemctl status``."""
         return self.notify(f"STATUS={_one_line(text)}")
+
+    def reloading(self, status: str | None = None) -> bool:
+        """``RELOADING=1`` with ``MONOTONIC_USEC=``: a configuration reload began; ``READY=1``
+        (:meth:`ready`) ends it. ``systemctl reload`` shows the unit reloading meanwhile."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}",
+                           *([f"STATUS={_one_line(status)}"] if status else []))
 
     def stopping(self, status: str | None = None) -> bool:
         """``STOPPING=1``: shutdown has begun."""

@@ -15,6 +15,10 @@ class Sink:
 
     name = "sink"
 
+    def start(self) -> None:
+        """Begin delivering (default: ready once built). A configuration reload builds a sink,
+        tells it the current state (occupancy, streams, people, switches), then starts it."""
+
     def publish(self, event: Event, snapshot: bytes | None = None) -> None:
         raise NotImplementedError
 
@@ -36,3 +40,8 @@ class Sink:
     def close(self) -> None:
         """Flush and release resources."""
         self.flush()
+
+    def handover(self) -> None:
+        """Close because a new sink of the same kind takes over at once (a configuration reload);
+        whatever this one could not deliver must be left for the new one (default: :meth:`close`)."""
+        self.close()

@@ -250,6 +250,13 @@ class Sam2Tracker:
             return None
         return TrackUpdate(frame, (), tuple(ended))
 
+    def close(self) -> None:
+        """Unregister the camera from the server (its pipeline was stopped by a reload)."""
+        try:
+            self.client.close()
+        except RuntimeError as e:  # the server is gone (shutdown) or failed: nothing left to free
+            log.warning("camera %s: SAM2 close failed: %s", self.camera, e)
+
     # ----------------------------------------------------------------------------- steps
     def _check_continuity(self, frame: Frame) -> list[int]:
         """End everyone on a stream discontinuity (the server forgets them with the next request)."""

@@ -7,6 +7,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -82,6 +83,20 @@ def test_ready_then_rate_limited_watchdog(notify_socket):
     n.close()
 
 
+def test_reloading_carries_the_monotonic_time_and_ready_ends_it(notify_socket):
+    path, receive = notify_socket
+    n = SystemdNotifier({"NOTIFY_SOCKET": path})
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert n.reloading("reloading the configuration")
+    lines = receive()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert lines[0] == "RELOADING=1" and lines[2] == "STATUS=reloading the configuration"
+    key, _, usec = lines[1].partition("=")
+    assert key == "MONOTONIC_USEC" and before <= int(usec) <= after  # systemd pairs it with the READY=1 below
+    assert n.ready("1/1 cameras streaming")
+    assert receive() == ["READY=1", "STATUS=1/1 cameras streaming"]
+
+
 def test_from_process_environment(notify_socket, monkeypatch):
     path, receive = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)
@@ -146,6 +161,7 @@ def test_unit_declares_what_operations_rely_on():
     assert one["Service.ExecStart"] == "/opt/regionwatch/.venv/bin/regionwatch run --config /etc/regionwatch/config.toml"
     assert int(one["Service.WatchdogSec"]) >= 10
     assert one["Service.Restart"] == "on-failure"
+    assert one["Service.ExecReload"] == "/bin/kill -HUP $MAINPID"  # systemctl reload: SIGHUP re-reads the config
     assert int(one["Unit.StartLimitBurst"]) > 0 and int(one["Unit.StartLimitIntervalSec"]) > 0
     assert one["Service.DynamicUser"] == "yes"
     assert set(one["Service.SupplementaryGroups"].split()) >= {"video", "render"}

@@ -97,6 +97,7 @@ class Delivery:
         self.last_fail_log = -float("inf")
         self.last_prune = time.monotonic()
         self.stopping = False
+        self.announce_stop = True
         self.stopped_mid: int | None = None
         self.stop_deadline = 0.0
         client.on_connect = self._on_connect
@@ -113,9 +114,10 @@ class Delivery:
     def wake(self) -> None:
         self._q.put(("wake",))
 
-    def stop(self, timeout: float) -> None:
-        """Publish ``stopped`` once everything before it is acknowledged (at most 2 s), then end."""
-        self._q.put(("stop",))
+    def stop(self, timeout: float, *, announce: bool = True) -> None:
+        """Publish ``stopped`` once everything before it is acknowledged (at most 2 s), then end.
+        ``announce=False``: end without ``stopped`` (another sink takes over at once)."""
+        self._q.put(("stop", announce))
         self._thread.join(timeout)
 
     # -- paho callbacks (network thread): hand over to the delivery thread -----------------
@@ -170,6 +172,8 @@ class Delivery:
             if self.connected:
                 self._pump()
             if self.stopping:
+                if not self.announce_stop:
+                    return
                 if self.connected and self.stopped_mid is None and not self.barrier:
                     info = self.client.publish(self.topics.status, b"stopped", qos=self.qos, retain=True,
                                                properties=self.props.text())
@@ -225,7 +229,7 @@ class Delivery:
                 except Exception:
                     log.exception("MQTT command on %s failed", topic)
         elif kind == "stop":
-            self.stopping = True
+            self.stopping, self.announce_stop = True, item[1]
             self.stop_deadline = time.monotonic() + 2.0
 
     def _acked(self, mid: int, reason, acked: list[int]) -> None:

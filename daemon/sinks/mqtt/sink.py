@@ -67,6 +67,7 @@ class MqttSink(Sink):
         shard: Shard | None = None,
         elsewhere: Collection[str] = (),
         state_dir=None,
+        start: bool = True,
     ):
         self.cfg = cfg
         self.shard = shard  # [fleet]: this replica's client id and status topic (daemon/fleet.py)
@@ -135,8 +136,20 @@ class MqttSink(Sink):
             self._stats = CameraStats(metrics)
             self._stats_thread = threading.Thread(target=self._stats_loop, name="mqtt-stats", daemon=True)
             self._stats_thread.start()
-        client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, **({"clean_start": True} if self.props.v5 else {}))
-        client.loop_start()
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Connect to the broker (once). A sink built with ``start=False`` (a configuration reload)
+        is first told the current state, so its first connection publishes that, not defaults."""
+        if self._started:
+            return
+        self._started = True
+        cfg = self.cfg
+        self._client.connect_async(cfg.host, cfg.port, cfg.keepalive_s,
+                                   **({"clean_start": True} if self.props.v5 else {}))
+        self._client.loop_start()
         log.info(
             "MQTT sink: broker %s:%d (MQTT %s%s), topic prefix %r, %d event(s) waiting in the outbox",
             cfg.host, cfg.port, cfg.protocol, ", TLS" if cfg.tls.enabled else "", self.topics.prefix,
@@ -196,6 +209,8 @@ class MqttSink(Sink):
         Events are already durable when ``publish`` returns; this only waits for delivery, and
         returns at once (False) while the broker is unreachable. True when the outbox is empty.
         """
+        if not self._started:
+            return len(self.outbox) == 0  # never connected: nothing to wait for
         deadline = time.monotonic() + timeout
         while True:
             if len(self.outbox) == 0 and self.retained.idle:
@@ -204,20 +219,25 @@ class MqttSink(Sink):
                 return False
             time.sleep(0.02)
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0, *, handover: bool = False) -> None:
         """Deliver what can be delivered within ``timeout``, mark streams offline, publish
-        ``stopped`` and disconnect. Undelivered events stay in the outbox for the next start."""
+        ``stopped`` and disconnect. Undelivered events stay in the outbox for the next start.
+
+        ``handover``: a new sink takes over at once (configuration reload): streams are not marked
+        offline and ``stopped`` is not published (Home Assistant's entities stay available); the
+        clean disconnect sends no last will. The new sink delivers what is left in the outbox."""
         if self._closing:
             return
         self._closing = True
         self._stats_stop.set()
         deadline = time.monotonic() + timeout
-        while self.delivery.link == "connecting" and time.monotonic() < deadline:
+        while self._started and self.delivery.link == "connecting" and time.monotonic() < deadline:
             time.sleep(0.02)  # just started: let the first connection attempt finish
         self.flush(max(0.0, deadline - time.monotonic()))
-        for cam in self._cameras:
-            self.retained.set(self.topics.stream(cam.id), b"offline", self.props.text())
-        self.delivery.stop(timeout + 5)
+        if not handover:
+            for cam in self._cameras:
+                self.retained.set(self.topics.stream(cam.id), b"offline", self.props.text())
+        self.delivery.stop(timeout + 5, announce=not handover)
         try:
             self._client.drop_out_messages()
             self._client.disconnect()
@@ -229,10 +249,21 @@ class MqttSink(Sink):
         self._metrics.mqtt_connected.set(0)
         self.outbox.close()
         pending = len(self.outbox)  # after close: what is kept on disk for the next start
-        if pending:
+        if handover:
+            log.info("MQTT sink closed for the configuration reload; %d event(s) left in the outbox for the new one",
+                     pending)
+        elif pending:
             log.warning("MQTT sink closed with %d undelivered event(s) kept in the outbox for the next start", pending)
         else:
             log.info("MQTT sink closed; outbox empty")
+
+    HANDOVER_WAIT_S = 1.0
+    """How long a handover waits for acknowledgements: events wait meanwhile (a reload holds
+    them), and whatever is not acknowledged goes out again from the new sink (the outbox)."""
+
+    def handover(self) -> None:
+        """Close for a new MQTT sink that takes over at once: see :meth:`close` (``handover``)."""
+        self.close(self.HANDOVER_WAIT_S, handover=True)
 
     @property
     def connected(self) -> bool:
