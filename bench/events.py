@@ -166,7 +166,7 @@ def main() -> int:
             if row == "defaults":
                 r = run_daemon(clip, gt)
             elif row == "every frame":
-                r = run_daemon(clip, gt, interval_s=0, tracking_interval_s=0)
+                r = run_daemon(clip, gt, interval_s=0, tracking_interval_s=0, motion_gate="false")
             else:
                 r = run_plain_track(clip, gt)
             results[key, row] = r

@@ -112,6 +112,7 @@ class App:
         self._base_url: str | None = None
         self._occupancy: dict[tuple[str, str], int] = {}
         self._people: dict[str, int] = {}
+        self._next_track: dict[str, int] = {}  # per camera, after a reload restarted it
         self._streams: dict[str, bool] = {}
         self.switches: DetectionSwitches | None = None  # per-camera detection on/off (MQTT switch)
         self.snapshots: SnapshotStore | None = None  # entry snapshots by event id (HTTP)
@@ -171,7 +172,8 @@ class App:
     def _pipeline(self, cam: CameraConfig, tracker) -> CameraPipeline:
         self._emit_locks.setdefault(cam.id, threading.Lock())
         return CameraPipeline(cam, self.settings, detector=self.detector, tracker=tracker, output=self,
-                              metrics=self.metrics.camera(cam.id), stopping=self.stopping)
+                              metrics=self.metrics.camera(cam.id), stopping=self.stopping,
+                              first_track_id=self._next_track.get(cam.id, 1))
 
     def _build_sinks(self, s: Settings, only: Collection[str] = SINK_ORDER, *, start: bool = True) -> list[Sink]:
         return build_sinks(s, self.metrics, self.fleet.shard, device=self._device_info(self._base_url),
@@ -347,7 +349,7 @@ class App:
             log.warning("configuration reload abandoned: the daemon is stopping")
             return False
         log.info("configuration reload: %s (changed: %s)", plan.describe(), ", ".join(plan.keys))
-        self._stop_cameras(plan.removed + plan.restarted)  # their exits reach the sinks in place now
+        self._stop_cameras(plan.removed + plan.restarted, removed=plan.removed)  # their exits reach the sinks now
         if self.stopping.is_set():  # a stop signal while they drained: the shutdown takes over
             log.warning("configuration reload interrupted by the stop: cameras %s stopped, nothing started",
                         ", ".join(plan.removed + plan.restarted))
@@ -357,7 +359,7 @@ class App:
         previous = self.settings
         self.configured, self.fleet, self.settings = settings, fleet, new
         if plan.added or plan.removed:
-            self.switches = DetectionSwitches(new.state.dir, [c.id for c in new.cameras if c.enabled])
+            self.switches.set_cameras([c.id for c in new.cameras if c.enabled])
         if plan.sinks:
             self._rebuild_sinks(plan.sinks, previous)
         self._start_cameras(starting, trackers)
@@ -376,8 +378,9 @@ class App:
         return [(f"sinks.mqtt: {held} event(s) wait in memory because the state disk cannot be written; "
                  "reload again once it recovers (see /readyz)")]
 
-    def _stop_cameras(self, cameras: Collection[str], timeout_s: float = 20.0) -> None:
-        """Stop and drain these cameras' pipelines: everyone inside gets their exit."""
+    def _stop_cameras(self, cameras: Collection[str], timeout_s: float = 20.0, *, removed: Collection[str] = ()) -> None:
+        """Stop and drain these cameras' pipelines: everyone inside gets their exit. The
+        ``removed`` ones also lose their stream series (a gone camera is not a camera down)."""
         stopping = [p for p in self.pipelines if p.cam.id in cameras]
         for p in stopping:
             p.stop()
@@ -403,7 +406,20 @@ class App:
                         self.metrics.occupancy.remove(*key)
                 self._people.pop(p.cam.id, None)
                 self._streams.pop(p.cam.id, None)
+            # A restarted camera's people keep getting new ids: track_id stays unique per camera.
+            self._next_track[p.cam.id] = p.identity.next_id
         self.pipelines = [p for p in self.pipelines if p not in stopping]
+        for camera in removed:
+            self._forget_stream_series(camera)
+
+    def _forget_stream_series(self, camera: str) -> None:
+        m = self.metrics
+        for metric in (m.stream_up, m.stream_fps):
+            with contextlib.suppress(KeyError):
+                metric.remove(camera)
+        for state in SourceState:
+            with contextlib.suppress(KeyError):
+                m.stream_state.remove(camera, state.value)
 
     @contextlib.contextmanager
     def _events_held(self):
@@ -488,7 +504,9 @@ class App:
             for sink in self.sinks:
                 sink.occupancy(camera, region, count)
 
-    def stream_state_changed(self, camera: str, state) -> None:
+    def stream_state_changed(self, camera: str, state, pipeline: CameraPipeline | None = None) -> None:
+        if pipeline is not None and pipeline not in self.pipelines:
+            return  # a late word from the source of a pipeline a reload replaced: not this camera's now
         name = getattr(state, "value", str(state))
         for s in SourceState:
             self.metrics.stream_state.labels(camera, s.value).set(1 if s.value == name else 0)

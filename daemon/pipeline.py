@@ -63,7 +63,7 @@ class PipelineOutput(Protocol):
 
     def occupancy_changed(self, camera: str, region: str, count: int) -> None: ...
 
-    def stream_state_changed(self, camera: str, state) -> None: ...
+    def stream_state_changed(self, camera: str, state, pipeline: CameraPipeline | None = None) -> None: ...
 
     def people_in_view(self, camera: str, count: int) -> None: ...
 
@@ -111,6 +111,7 @@ class CameraPipeline:
         output: PipelineOutput,
         metrics: CameraMetrics,
         stopping: threading.Event,
+        first_track_id: int = 1,
     ):
         self.cam, self.tracker, self.output, self.metrics = cam, tracker, output, metrics
         self.detector = detector
@@ -126,7 +127,7 @@ class CameraPipeline:
             mask_polygon=settings.tracker.backend == "sam2" and settings.tracker.sam2.mask_polygon,
         )
         # One identity per person through occlusions and crossings, whatever the tracker.
-        self.identity = IdentityKeeper(settings.tracker.lost_after_s)
+        self.identity = IdentityKeeper(settings.tracker.lost_after_s, first_id=first_track_id)
         d = settings.detector
         self.schedule = DetectorSchedule(d.interval_s, d.tracking_interval_s, d.idle_check_s if d.motion_gate else None)
         self.motion = MotionDetector() if d.motion_gate else None
@@ -141,7 +142,7 @@ class CameraPipeline:
             cam,
             self.buffer,
             on_frame=self._on_decoded,
-            on_state=lambda state: output.stream_state_changed(cam.id, state),
+            on_state=lambda state: output.stream_state_changed(cam.id, state, self),
             on_reconnect=lambda n: m.reconnects.inc(),
             on_cpu=m.cpu["decode"].inc,
         )
@@ -263,7 +264,11 @@ class CameraPipeline:
 
     def finish(self, frame: Frame | None = None) -> None:
         """End of stream (or detection paused): end every track, exits at their last sighting."""
-        update = self.identity.finish(self.tracker.finish(frame or self.last_frame))
+        frame = frame or self.last_frame
+        ended = self.tracker.finish(frame)
+        if ended is None and frame is not None:  # nobody left in the tracker; the missing end here
+            ended = TrackUpdate(frame, ())
+        update = self.identity.finish(ended)
         if update is not None:
             self._step(update.frame, update, notify=False)
         self._emit_all(self.refiner.process(self.regions.finish()))
@@ -295,7 +300,8 @@ class CameraPipeline:
         if transitions:
             self._emit_all(transitions)
             self._publish_occupancy()
-        self.output.people_in_view(self.cam.id, len(update.people))
+        # Confirmed people only: a new track the detector has not seen twice is not yet someone.
+        self.output.people_in_view(self.cam.id, sum(p.confirmed for p in update.people))
         if notify:
             self._notify(frame, update, transitions)
 

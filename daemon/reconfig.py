@@ -48,10 +48,11 @@ shard (``[fleet]``) decides which cameras this replica owns; the SAM2 model and 
 """
 
 DETECTOR_KEYS = ("detector.model", "detector.confidence", "detector.iou", "detector.imgsz", "detector.device",
-                 "detector.min_box_area_px")
+                 "detector.min_box_area_px", "detector.runtime", "detector.threads", "detector.max_batch")
 """Keys of the detector model itself: a new one is loaded and swapped in; cameras keep running."""
 
-EVERY_CAMERA_KEYS = ("detector.interval_s", "detector.tracking_interval_s", "tracker", "events", "refine")
+EVERY_CAMERA_KEYS = ("detector.interval_s", "detector.tracking_interval_s", "detector.motion_gate",
+                     "detector.idle_check_s", "tracker", "events", "refine")
 """Keys every camera's pipeline is built with (tracker, detector cadence, region logic, entry
 refinement): every camera restarts (the people inside get their exits, then their entries)."""
 

@@ -35,19 +35,27 @@ class DetectionSwitches:
     def __init__(self, state_dir: str | os.PathLike[str], cameras: Iterable[str]):
         self.path = Path(state_dir) / self.FILE
         self._lock = threading.Lock()
-        self._on = {c: True for c in cameras}
-        try:
-            saved = json.loads(self.path.read_text(encoding="utf-8"))["cameras"]
-            for cam, on in saved.items():
-                if cam in self._on:
-                    self._on[cam] = bool(on)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            log.warning("cannot read %s (%s): detection is on for every camera", self.path, e)
+        saved = self._read()
+        self._on = {c: saved.get(c, True) for c in cameras}
         off = sorted(c for c, on in self._on.items() if not on)
         if off:
             log.info("detection is switched off for camera(s) %s (%s)", ", ".join(off), self.path)
+
+    def _read(self) -> dict[str, bool]:
+        try:
+            return {str(c): bool(on) for c, on in json.loads(self.path.read_text(encoding="utf-8"))["cameras"].items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("cannot read %s (%s): detection is on for every camera", self.path, e)
+            return {}
+
+    def set_cameras(self, cameras: Iterable[str]) -> None:
+        """The cameras changed (a reload): keep the switches of those that stay; a new camera
+        takes its saved switch (it may have been configured before), else on."""
+        with self._lock:
+            saved = self._read()
+            self._on = {c: self._on.get(c, saved.get(c, True)) for c in cameras}
 
     def enabled(self, camera: str) -> bool:
         return self._on.get(camera, True)

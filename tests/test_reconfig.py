@@ -163,3 +163,21 @@ def test_a_shard_sees_only_its_own_cameras_change(config):
     plan = plan_reload(old, FleetPlan.of(config(cams + f'[[cameras]]\nid = "{mine}"\nurl = "rtsp://cam/x"\n',
                                                 head)).settings)
     assert plan.added == (mine,) and plan.unchanged == tuple(c for c in ids if shard.owns(c))
+
+
+def test_every_key_of_the_configuration_has_a_reload_rule():
+    """A key no rule covers would be "reloaded" without effect: each one must be restart-only,
+    the detector's, every camera's, a camera's own, a sink's or logging."""
+    from daemon.reconfig import DETECTOR_KEYS, EVERY_CAMERA_KEYS, _under
+
+    def leaves(model, prefix=""):
+        from pydantic import BaseModel
+
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{field.alias or name}"
+            ann = field.annotation
+            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            yield from leaves(sub, key + ".") if sub is not None else [key]
+
+    covered = (*RESTART_ONLY, *DETECTOR_KEYS, *EVERY_CAMERA_KEYS, "cameras", "sinks", "logging")
+    assert [k for k in leaves(Settings) if not _under(k, covered)] == []

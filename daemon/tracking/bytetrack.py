@@ -130,12 +130,16 @@ def same_size(a: np.ndarray, b: np.ndarray, size: tuple[int, int], *, height: fl
 class ByteTrackTracker:
     """Per-camera tracker implementing :class:`daemon.tracking.base.Tracker` (module doc)."""
 
+    MAX_GAP_FRAMES = 5  # frames skipped beyond this (or MAX_GAP_S of stream time) restart following
+    MAX_GAP_S = 0.5
+
     def __init__(self, cfg: ByteTrackConfig | None = None, *, follower: MedianFlow | None = None):
         self.cfg = cfg or ByteTrackConfig()
         self.follower = follower or MedianFlow()
         self._tracks: list[_Track] = []
         self._next_id = 1
         self._last_index: int | None = None
+        self._last_pts = 0.0
 
     @property
     def active(self) -> int:
@@ -147,9 +151,12 @@ class ByteTrackTracker:
         return any(t.lost_by_follower or not t.confirmed for t in self._tracks)
 
     def update(self, frame: Frame, detections: Detections | None) -> TrackUpdate:
-        if self._last_index is not None and frame.index != self._last_index + 1:
-            self.follower.reset()  # frames were skipped: flow across the gap is unreliable
-        self._last_index = frame.index
+        if self._last_index is not None and (frame.index - self._last_index > self.MAX_GAP_FRAMES
+                                             or frame.pts_s - self._last_pts > self.MAX_GAP_S):
+            # A long gap (a reconnect, a stall): flow across it is meaningless. A short one (a live
+            # camera skipping a frame or two under load) the pyramid and the back check cope with.
+            self.follower.reset()
+        self._last_index, self._last_pts = frame.index, frame.pts_s
         self._follow(frame)
         ended: list[int] = []
         if detections is not None:

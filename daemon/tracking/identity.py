@@ -92,6 +92,7 @@ class IdentityKeeper:
         gate_per_s: float = 0.6,
         max_colour_distance: float = 0.75,
         colour_every_s: float = 0.25,
+        first_id: int = 1,
     ):
         self.lost_after_s = lost_after_s
         self.gate = gate
@@ -100,11 +101,16 @@ class IdentityKeeper:
         self.colour_every_s = colour_every_s
         self._people: dict[int, _Person] = {}
         self._by_tracker: dict[int, int] = {}
-        self._next_id = 1
+        self._next_id = first_id
 
     @property
     def active(self) -> int:
         return len(self._people)
+
+    @property
+    def next_id(self) -> int:
+        """The id the next new person gets."""
+        return self._next_id
 
     def update(self, update: TrackUpdate) -> TrackUpdate:
         frame = update.frame
@@ -157,6 +163,7 @@ class IdentityKeeper:
         pairs: list[tuple[int, int]] = []
         if new and missing:
             cost = np.full((len(new), len(missing)), np.inf)
+            looks_new: dict[int, np.ndarray | None] = {}
             for j, q in enumerate(missing):
                 pred = q.predicted(now)
                 height = max(pred[3] - pred[1], 1.0)
@@ -170,7 +177,9 @@ class IdentityKeeper:
                         continue
                     colour = 0.0
                     if q.looks is not None:
-                        looks = appearance(image, b)
+                        if i not in looks_new:
+                            looks_new[i] = appearance(image, b)
+                        looks = looks_new[i]
                         if looks is not None:
                             colour = cv2.compareHist(q.looks, looks, cv2.HISTCMP_BHATTACHARYYA)
                             if colour > self.max_colour_distance:
