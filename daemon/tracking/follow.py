@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import cv2
 import numpy as np
 
@@ -60,7 +62,7 @@ class MedianFlow:
         *,
         max_side: int = 640,
         grid: tuple[int, int] = (5, 9),
-        win: int = 15,
+        win: int = 11,
         levels: int = 3,
         fb_max_px: float = 2.0,
         min_points: float = 0.3,
@@ -131,23 +133,22 @@ class MedianFlow:
                 covered = ((x >= front[:, 0]) & (x <= front[:, 2]) & (y >= front[:, 1]) & (y <= front[:, 3])).any(axis=1)
                 good[i] &= ~covered
         dst = p1.reshape(n, k, 2) / s
-        out = boxes.copy()
-        ok = np.zeros(n, bool)
         quality = good.mean(axis=1)
-        for i in range(n):
-            g = good[i]
-            # The better half by forward–backward error, as median flow does: outliers on the
-            # background or on a passer-by rarely make it into the median.
-            if g.sum() < max(4, self.min_points * k):
-                continue
-            keep = g & (fb[i] <= np.median(fb[i][g]))
-            a, b = src[i][keep], dst[i][keep]
-            d = np.median(b - a, axis=0)
-            scale = self._scale_change(a, b)
-            cx, cy = (boxes[i, :2] + boxes[i, 2:]) / 2 + d
-            hw, hh = wh[i] * scale / 2
-            out[i] = (cx - hw, cy - hh, cx + hw, cy + hh)
-            ok[i] = True
+        # The better half by forward-backward error, as median flow does: outliers on the
+        # background or on a passer-by rarely make it into the median. All boxes at once: rejected
+        # points are NaN and every median is a nanmedian over the box's points.
+        ok = good.sum(axis=1) >= max(4, self.min_points * k)
+        fb_good = np.where(good, fb, np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: boxes not followed
+            keep = good & (fb <= np.nanmedian(fb_good, axis=1, keepdims=True))
+            move = np.where(keep[..., None], dst - src, np.nan)
+            d = np.nanmedian(move, axis=1)  # (n, 2)
+            scale = self._scale_change(np.where(keep[..., None], src, np.nan), np.where(keep[..., None], dst, np.nan))
+        ok &= np.isfinite(d).all(axis=1)
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + np.nan_to_num(d)
+        half = wh * scale[:, None] / 2
+        out = np.where(ok[:, None], np.hstack([centre - half, centre + half]), boxes)
         return FlowResult(self._pin_to_border(boxes, out, ok), ok, quality)
 
     def _pin_to_border(self, before: np.ndarray, after: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -165,15 +166,12 @@ class MedianFlow:
         # Sides not on the border stay inside the frame.
         return np.clip(pinned, 0.0, limits[[2, 3, 2, 3]])
 
-    def _scale_change(self, a: np.ndarray, b: np.ndarray) -> float:
-        """Median ratio of pairwise point distances after/before, clamped per frame."""
-        if len(a) < 2:
-            return 1.0
-        i, j = np.triu_indices(len(a), 1)
-        da = np.linalg.norm(a[i] - a[j], axis=1)
-        db = np.linalg.norm(b[i] - b[j], axis=1)
-        valid = da > 1e-3
-        if not valid.any():
-            return 1.0
-        ratio = float(np.median(db[valid] / da[valid]))
-        return float(np.clip(ratio, 1 - self.max_scale_step, 1 + self.max_scale_step))
+    def _scale_change(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(n,) median ratio of pairwise point distances after/before per box ((n,k,2) points, NaN
+        for unused ones), clamped per frame; 1 where it cannot be measured."""
+        i, j = np.triu_indices(a.shape[1], 1)
+        da = np.linalg.norm(a[:, i] - a[:, j], axis=2)
+        db = np.linalg.norm(b[:, i] - b[:, j], axis=2)
+        ratio = np.nanmedian(np.where(da > 1e-3, db / da, np.nan), axis=1)
+        ratio = np.where(np.isfinite(ratio), ratio, 1.0)
+        return np.clip(ratio, 1 - self.max_scale_step, 1 + self.max_scale_step)
