@@ -183,8 +183,12 @@ def run_one(args: argparse.Namespace) -> dict:
     import numpy as np
 
     app.detector(np.zeros((size, size * 16 // 9, 3), np.uint8))  # warm-up: runtimes start their threads lazily
-    metered = _MeteredDetector(app.detector)
-    app.detector = metered
+    if hasattr(app.detector, "replace"):  # the pipelines hold a ReplaceableDetector: meter what it calls
+        metered = _MeteredDetector(app.detector.current)
+        app.detector.replace(metered)
+    else:  # an older tree: the pipelines call app.detector
+        metered = _MeteredDetector(app.detector)
+        app.detector = metered
     runtime_tids = set(_thread_cpu()) - before_load
     done = threading.Event()
     result: dict = {}
