@@ -147,7 +147,11 @@ class MedianFlow:
             scale = self._scale_change(np.where(keep[..., None], src, np.nan), np.where(keep[..., None], dst, np.nan))
         ok &= np.isfinite(d).all(axis=1)
         centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + np.nan_to_num(d)
-        half = wh * scale[:, None] / 2
+        # A box cut by a border shows only part of the person: the points' spread changes as more
+        # or less of them is in view, not as they come nearer, so that axis is not scaled.
+        touch = self._touching(boxes)
+        axis_scale = np.where(touch[:, :2] | touch[:, 2:], 1.0, scale[:, None])
+        half = wh * axis_scale / 2
         out = np.where(ok[:, None], np.hstack([centre - half, centre + half]), boxes)
         return FlowResult(self._pin_to_border(boxes, out, ok), ok, quality)
 
@@ -160,11 +164,16 @@ class MedianFlow:
         """
         w, h = self._size
         limits = np.array([0.0, 0.0, w, h])
-        margin = np.array([border_margin(w), border_margin(h)] * 2)
-        touching = np.abs(before - limits) <= margin
-        pinned = np.where(touching & ok[:, None], limits, after)
+        pinned = np.where(self._touching(before) & ok[:, None], limits, after)
         # Sides not on the border stay inside the frame.
         return np.clip(pinned, 0.0, limits[[2, 3, 2, 3]])
+
+    def _touching(self, boxes: np.ndarray) -> np.ndarray:
+        """(N,4) True for each box side on the frame border (within :func:`border_margin`)."""
+        w, h = self._size
+        limits = np.array([0.0, 0.0, w, h])
+        margin = np.array([border_margin(w), border_margin(h)] * 2)
+        return np.abs(boxes - limits) <= margin
 
     def _scale_change(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(n,) median ratio of pairwise point distances after/before per box ((n,k,2) points, NaN

@@ -18,7 +18,7 @@ def frame(index: int, *people: tuple[int, float, float]) -> Frame:
     img = np.full((H, W, 3), 120, np.uint8)
     for k, x, y in people:
         x, y = int(round(x)), int(round(y))
-        img[y:y + 90, max(x, 0):min(x + 30, W)] = PEOPLE[k][:, max(0, -x):min(30, W - x)]
+        img[y:y + 90, max(x, 0):min(x + 30, W)] = PEOPLE[k][:min(90, H - y), max(0, -x):min(30, W - x)]
     return Frame("cam", index, index / 10, index / 10, img)
 
 
@@ -113,3 +113,21 @@ def test_finish_ends_every_track():
     last = frame(1, who)
     assert t.finish(last).ended == (1,)
     assert t.finish(last) is None
+
+
+def test_someone_walking_in_over_the_bottom_edge_asks_for_the_detector():
+    """Their feet are below the picture: only the detector can tell when they come into view."""
+    t = ByteTrackTracker()
+    ys = [H - 40 - 6 * i for i in range(6)]  # the top of the person rises 6 px per frame
+
+    def entering(i: int) -> Detections:
+        return Detections(np.array([[200, ys[i], 230, H]], np.float32), np.array([0.9], np.float32))
+
+    for i in range(2):
+        t.update(frame(i, (0, 200, ys[i])), entering(i))
+    assert not t.wants_detection
+    t.update(frame(2, (0, 200, ys[2])), None)  # followed: the box grows from the bottom edge
+    assert t.wants_detection
+    t.update(frame(3, (0, 200, ys[3])), entering(3))
+    walking = t.update(frame(4, (0, 200, ys[4])), None)
+    assert walking.people[0].bbox[3] == H and t.wants_detection
