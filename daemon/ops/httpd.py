@@ -448,16 +448,28 @@ class OpsServer:
         ):
             time.sleep(0.02)  # responses finishing and being flushed
 
+        trigger = server.trigger
+
         def close_everything() -> None:  # runs in the event-loop thread
             for channel in list(server.active_channels.values()):
                 channel.handle_close()  # wakes a worker blocked on a full output buffer
-            wasyncore.close_all(server._map)  # the listening socket and the trigger: the loop ends
+            for obj in list(server._map.values()):
+                if obj is server:
+                    wasyncore.dispatcher.close(server)  # the listening socket (server.close shuts the trigger too)
+                elif obj is not trigger:
+                    obj.close()
+            # The trigger only leaves the map (the loop ends when it is empty); it is closed once
+            # the loop and the workers are gone. Closed here, the thread that queued this thunk may
+            # still be inside pull_trigger (the loop can run the thunk on a worker's earlier pull)
+            # and would write to a closed, or reused, descriptor.
+            trigger.del_channel()
 
-        server.trigger.pull_trigger(close_everything)
+        trigger.pull_trigger(close_everything)
         deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.0, deadline - time.monotonic()))
+        trigger.close()
 
     def __enter__(self) -> OpsServer:
         self.start()

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from daemon.config import ByteTrackConfig
-from daemon.geometry import assign, border_margin, box_iou, on_border
+from daemon.geometry import assign, box_iou, on_border
 from daemon.records import Detections, Frame, TrackedPerson, TrackUpdate
 from daemon.tracking.follow import MedianFlow
 
@@ -65,7 +65,6 @@ class _Track:
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(2))  # centre, px per frame
     followed: bool = True  # the follower (or the detector) placed the box on the latest frame
     lost_by_follower: bool = False
-    entering: bool = False  # cut off by the frame border and growing into view
 
     @property
     def confirmed(self) -> bool:
@@ -148,9 +147,8 @@ class ByteTrackTracker:
 
     @property
     def wants_detection(self) -> bool:
-        """True when the follower lost someone, someone is coming into view over the frame's edge,
-        or a new track waits for confirmation."""
-        return any(t.lost_by_follower or not t.confirmed or t.entering for t in self._tracks)
+        """True when the follower lost someone (or a new track waits for confirmation)."""
+        return any(t.lost_by_follower or not t.confirmed for t in self._tracks)
 
     def update(self, frame: Frame, detections: Detections | None) -> TrackUpdate:
         if self._last_index is not None and (frame.index - self._last_index > self.MAX_GAP_FRAMES
@@ -183,13 +181,8 @@ class ByteTrackTracker:
         front = in_front(boxes)
         moved = self.follower.advance(frame.image, boxes, [boxes[f] for f in front])
         h, w = frame.image.shape[:2]
-        # Cut off by the bottom of the picture and growing: walking into view with their feet still
-        # below it. Where the feet come into view only the detector can say: it looks again next frame.
-        growing = (moved.boxes[:, 3] - moved.boxes[:, 1]) > (boxes[:, 3] - boxes[:, 1]) + 1.0
-        entering = growing & (moved.boxes[:, 3] >= h - border_margin(h))
-        for t, box, ok, f, e in zip(self._tracks, moved.boxes, moved.ok, front, entering):
+        for t, box, ok, f in zip(self._tracks, moved.boxes, moved.ok, front):
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-            t.entering = bool(ok and e)
             if ok and 0 <= cx < w and 0 <= cy < h:
                 t.box, t.followed = box, True
             elif len(f):
@@ -226,7 +219,7 @@ class ByteTrackTracker:
                 t.box, t.det_box, t.det_index, t.score = boxes[d].copy(), boxes[d].copy(), index, float(scores[d])
                 t.hits += 1
                 t.misses = 0
-                t.followed, t.lost_by_follower, t.entering = True, False, False
+                t.followed, t.lost_by_follower = True, False
                 matched_track.add(track_idx[r])
                 used_det.add(d)
 

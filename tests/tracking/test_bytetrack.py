@@ -114,20 +114,3 @@ def test_finish_ends_every_track():
     assert t.finish(last).ended == (1,)
     assert t.finish(last) is None
 
-
-def test_someone_walking_in_over_the_bottom_edge_asks_for_the_detector():
-    """Their feet are below the picture: only the detector can tell when they come into view."""
-    t = ByteTrackTracker()
-    ys = [H - 40 - 6 * i for i in range(6)]  # the top of the person rises 6 px per frame
-
-    def entering(i: int) -> Detections:
-        return Detections(np.array([[200, ys[i], 230, H]], np.float32), np.array([0.9], np.float32))
-
-    for i in range(2):
-        t.update(frame(i, (0, 200, ys[i])), entering(i))
-    assert not t.wants_detection
-    t.update(frame(2, (0, 200, ys[2])), None)  # followed: the box grows from the bottom edge
-    assert t.wants_detection
-    t.update(frame(3, (0, 200, ys[3])), entering(3))
-    walking = t.update(frame(4, (0, 200, ys[4])), None)
-    assert walking.people[0].bbox[3] == H and t.wants_detection
