@@ -254,14 +254,18 @@ class App:
         with self._reconfigure:  # a reload in progress finishes (or gives up) first
             self._shutdown(timeout_s)
 
-    def _shutdown(self, timeout_s: float) -> None:
-        for p in self.pipelines:
+    def _drain(self, pipelines: list[CameraPipeline], timeout_s: float) -> None:
+        """Stop these pipelines together and wait (``timeout_s`` in all) for their last events."""
+        for p in pipelines:
             p.stop()
         deadline = time.monotonic() + timeout_s
-        for p in self.pipelines:
+        for p in pipelines:
             if not p.done.wait(max(0.0, deadline - time.monotonic())):
                 log.error("camera %s: pipeline did not finish within %.0f s of the stop", p.cam.id, timeout_s)
                 self.failed.append(p.cam.id)
+
+    def _shutdown(self, timeout_s: float) -> None:
+        self._drain(self.pipelines, timeout_s)
         for sink in self.sinks:
             try:
                 sink.close()
@@ -341,16 +345,21 @@ class App:
             except ModelLoadError as e:
                 return self._rejected([str(e)])
         starting = [c for c in new.cameras if c.id in plan.added or c.id in plan.restarted]
+        trackers = {}
         try:
-            trackers = {c.id: build_tracker(new, c, self._shared, self.metrics) for c in starting}
+            for c in starting:
+                trackers[c.id] = build_tracker(new, c, self._shared, self.metrics)
         except Exception as e:  # SAM2: the shared server refused a camera
+            self._close_trackers(trackers)
             return self._rejected([f"tracker: cannot track the new cameras: {type(e).__name__}: {e}"])
         if self.stopping.is_set():
+            self._close_trackers(trackers)
             log.warning("configuration reload abandoned: the daemon is stopping")
             return False
         log.info("configuration reload: %s (changed: %s)", plan.describe(), ", ".join(plan.keys))
         self._stop_cameras(plan.removed + plan.restarted, removed=plan.removed)  # their exits reach the sinks now
         if self.stopping.is_set():  # a stop signal while they drained: the shutdown takes over
+            self._close_trackers(trackers)
             log.warning("configuration reload interrupted by the stop: cameras %s stopped, nothing started",
                         ", ".join(plan.removed + plan.restarted))
             return False
@@ -378,24 +387,23 @@ class App:
         return [(f"sinks.mqtt: {held} event(s) wait in memory because the state disk cannot be written; "
                  "reload again once it recovers (see /readyz)")]
 
+    @staticmethod
+    def _close_trackers(trackers: dict) -> None:
+        """Trackers built for a reload that does not happen (SAM2: their cameras leave the server)."""
+        for tracker in trackers.values():
+            tracker.close()
+
     def _stop_cameras(self, cameras: Collection[str], timeout_s: float = 20.0, *, removed: Collection[str] = ()) -> None:
         """Stop and drain these cameras' pipelines: everyone inside gets their exit. The
         ``removed`` ones also lose their stream series (a gone camera is not a camera down)."""
         stopping = [p for p in self.pipelines if p.cam.id in cameras]
+        self._drain(stopping, timeout_s)
         for p in stopping:
-            p.stop()
-        deadline = time.monotonic() + timeout_s
-        for p in stopping:
-            if not p.done.wait(max(0.0, deadline - time.monotonic())):
-                log.error("camera %s: pipeline did not finish within %.0f s of the stop", p.cam.id, timeout_s)
-                self.failed.append(p.cam.id)
             # Its source may still be in a network read: one connection per camera at a time, and
             # its last state change must reach the sinks before the camera is gone from them.
             if not p.source.join(p.cam.open_timeout_s + p.cam.read_timeout_s):
                 log.warning("camera %s: the stopped source has not ended yet", p.cam.id)
-            close = getattr(p.tracker, "close", None)
-            if close is not None:
-                close()
+            p.tracker.close()
             if self.preview is not None:
                 self.preview.forget(p.cam.id)
             with self._emit_locks[p.cam.id], self._sinks_lock:
@@ -520,6 +528,8 @@ class App:
 
     def people_in_view(self, camera: str, count: int) -> None:
         """People the tracker sees on the camera now (only changes reach the sinks)."""
+        if self._people.get(camera) == count:  # every frame: most bring no change, no lock for them
+            return
         with self._sinks_lock:
             if self._people.get(camera) == count:
                 return

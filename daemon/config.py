@@ -127,7 +127,7 @@ class Sam2Config(Section):
     mask_polygon: bool = False
     random_weights_for_tests: bool = False
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(populate_by_name=True)  # merged with Section's settings
 
     @field_validator("encoder_batches")
     @classmethod
@@ -222,6 +222,7 @@ class RegionConfig(Section):
         return self.name or self.id
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):(//)?")  # a URL's scheme, and whether "//" follows
 CAMERA_URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "srt", "udp", "rtp", "tcp")
 """Network schemes a camera URL may use (FFmpeg protocols for live video); anything else is a typo."""
 
@@ -263,7 +264,7 @@ class CameraConfig(Section):
     @field_validator("url")
     @classmethod
     def _known_scheme_or_file(cls, v: str) -> str:
-        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*):(//)?", v)
+        scheme = _SCHEME.match(v)
         if scheme and scheme[1].lower() != "file" and not Path(v).exists():
             # Never echo the URL here: it may carry a password that redaction would not spot.
             name = scheme[1].lower()
@@ -513,10 +514,10 @@ _PATH_KEYS = {
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative file paths in the config relative to the config file's folder."""
 
-    def fix(value: Any, path: tuple[str, ...]) -> Any:
+    def fix(value: Any) -> Any:
         if not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value:
             return value
-        if re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:", value) and not (base / value).exists():
+        if _SCHEME.match(value) and not (base / value).exists():
             return value  # a mistyped URL ("rtsp:/cam"): left for the URL check, which names the problem
         return str(base / value)
 
@@ -526,7 +527,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         if isinstance(node, list):
             return [walk(v, path) for v in node]
         if path in _PATH_KEYS or path == ("cameras", "url"):
-            return fix(node, path)
+            return fix(node)
         return node
 
     return walk(data, ())

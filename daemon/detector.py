@@ -87,7 +87,7 @@ class PersonDetector:
         self.model_name = os.path.basename(str(model).rstrip("/"))
         self.confidence, self.iou, self.imgsz, self.device = confidence, iou, imgsz, device
         self.min_box_area_px = min_box_area_px
-        self.threads, self.max_batch = threads, max(1, max_batch)
+        self.max_batch = max(1, max_batch)
         self._rt = None
         self._yolo = None
         self._cond = threading.Condition()

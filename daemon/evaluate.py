@@ -358,13 +358,17 @@ def evaluate(settings: Settings, camera_id: str | None, ground_truth: str | Path
         app = App(s)
         collector = _Collector()
         recorder = HypothesisRecorder()
-        app.load()
-        app.sinks.append(collector)
-        pipeline = app.pipelines[0]
-        pipeline.observers.append(recorder)
-        cpu0 = time.process_time()
-        code = app.run()
-        cpu = time.process_time() - cpu0
+        try:
+            app.load()
+            app.sinks.append(collector)
+            pipeline = app.pipelines[0]
+            pipeline.observers.append(recorder)
+            cpu0 = time.process_time()
+            code = app.run()
+            cpu = time.process_time() - cpu0
+        except BaseException:
+            app.shutdown()  # the state lock and anything loaded are released before the folder goes
+            raise
         if code != 0:
             raise JobError(f"the run on camera {cam.id} failed (exit code {code}); see the log above")
     frames = pipeline.frames

@@ -376,19 +376,14 @@ class FrameBuffer:
         and added in index order (unless it is already older than the bounds allow).
         """
         idx = frame.index
-        if not self.encode_all:
-            with self._cond:
-                found = self._find(idx)
-            if found is not None:
-                return found
-        if self.encode_all:
-            with self._cond:
+        with self._cond:
+            if self.encode_all:
                 self._encoded_cv.wait_for(
                     lambda: self._encoding != idx and all(f.index != idx for f in self._to_encode), timeout
                 )
-                found = self._find(idx)
-            if found is not None:
-                return found
+            found = self._find(idx)
+        if found is not None:
+            return found
         item = self._encode(frame)
         with self._cond:
             self._insert(item)

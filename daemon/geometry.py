@@ -5,6 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 
+def box_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,M) intersection areas between (N,4) and (M,4) xyxy boxes (a single box may be (4,)).
+
+    Example:
+        >>> box_intersection(np.array([0, 0, 10, 10]), np.array([[5, 5, 20, 20], [20, 20, 30, 30]])).tolist()
+        [[25.0, 0.0]]
+    """
+    a = np.asarray(a, np.float64).reshape(-1, 4)[:, None, :]
+    b = np.asarray(b, np.float64).reshape(-1, 4)[None, :, :]
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    return iw * ih
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU matrix between (N,4) and (M,4) xyxy boxes (a single box may be given as shape (4,)).
 
@@ -12,11 +26,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         >>> box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])).round(3).tolist()
         [[1.0, 0.333, 0.0]]
     """
+    inter = box_intersection(a, b)
     a = np.asarray(a, np.float64).reshape(-1, 4)[:, None, :]
     b = np.asarray(b, np.float64).reshape(-1, 4)[None, :, :]
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih
     union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
 
@@ -40,7 +52,7 @@ def assign(cost: np.ndarray, limit: float) -> list[tuple[int, int]]:
 
 
 def on_border(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N,4) True for each side of each box that lies on the frame border (see :func:`border_margin`)."""
+    """(N,) True for each box with a side on the frame border (see :func:`border_margin`)."""
     w, h = size
     mx, my = border_margin(w), border_margin(h)
     b = np.asarray(boxes, np.float64).reshape(-1, 4)

@@ -162,7 +162,6 @@ class OpenVinoYolo:
         if shape.is_dynamic:
             raise ValueError(f"{xml}: dynamic input shape {shape} (export with a fixed imgsz)")
         self.input_hw = (shape[2].get_length(), shape[3].get_length())
-        self.threads = int(threads)
         self._compiled = {1: self._compile(self._model, 1)}
         self._batchable = None
         self.max_batch = max(1, int(max_batch))
@@ -201,7 +200,7 @@ class OnnxYolo:
     name = "onnxruntime"
     max_batch = 1
 
-    def __init__(self, path: str | Path, *, threads: int = 1, max_batch: int = 1):
+    def __init__(self, path: str | Path, *, threads: int = 1):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -218,7 +217,6 @@ class OnnxYolo:
             raise ValueError(f"{path}: dynamic input shape {inp.shape} (export with a fixed imgsz)")
         self._input = inp.name
         self.input_hw = (int(inp.shape[2]), int(inp.shape[3]))
-        self.threads = int(threads)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: x})[0]

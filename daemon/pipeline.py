@@ -229,7 +229,7 @@ class CameraPipeline:
             else:
                 with self._regions_cpu:  # cheap (~0.3 ms); counted with the region logic
                     moving = self.motion(frame.image).moving
-        if self.schedule.due(frame.pts_s, tracking=tracking, wants=getattr(self.tracker, "wants_detection", False),
+        if self.schedule.due(frame.pts_s, tracking=tracking, wants=self.tracker.wants_detection,
                              moving=moving):
             t0 = time.perf_counter()
             detections = self.detector(frame.image)

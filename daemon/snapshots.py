@@ -37,6 +37,7 @@ from pathlib import Path
 
 from daemon.events import Event
 from daemon.ops.httpd import OpsServer, Request, Response
+from daemon.statedir import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,7 @@ class SnapshotStore:
         return event, jpeg
 
     def put(self, event_id: str, jpeg: bytes) -> None:
-        path = self.dir / f"{event_id}.jpg"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(jpeg)
-        os.replace(tmp, path)
+        write_atomic(self.dir / f"{event_id}.jpg", jpeg)
         with self._lock:
             old = self._index.pop(event_id, None)
             self._bytes += len(jpeg) - (old[1] if old else 0)

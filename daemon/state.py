@@ -66,7 +66,7 @@ class SeqStore:
         self._unsaved: set[str] = set(raised)
         if self._unsaved:
             self._save_locked()
-        self._health.add_retry(self.retry)
+        self._unretry = self._health.add_retry(self.retry)
 
     def next(self, camera: str) -> int:
         """Return the next sequence number for ``camera`` (1 for its first event). Never fails
@@ -133,5 +133,6 @@ class SeqStore:
                     "(consumers still tell the events apart by id)",
                     ", ".join(f"{c} {self._last[c]}" for c in sorted(self._unsaved)), self.path,
                 )
+            self._unretry()
             self._closed = True
             self._db.close()

@@ -42,6 +42,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,6 +58,19 @@ class StateDirError(RuntimeError):
 
 class StateLockedError(StateDirError):
     """Another process holds the state folder."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``<name>.tmp`` and a rename: readers find the old file or
+    the new one, never a part. On OSError (raised) the temporary file is removed."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _problem(exc: BaseException) -> str:
@@ -108,10 +122,18 @@ class StateHealth:
             )
             self._start_retrier()
 
-    def add_retry(self, retry) -> None:
-        """``retry()`` is called every ``retry_every_s`` while any store's episode lasts."""
+    def add_retry(self, retry) -> Callable[[], None]:
+        """``retry()`` is called every ``retry_every_s`` while any store's episode lasts. Returns
+        the call that removes it (a closed store calls it, or a reload would keep it for good)."""
         with self._lock:
             self._retries.append(retry)
+
+        def remove() -> None:
+            with self._lock:
+                if retry in self._retries:
+                    self._retries.remove(retry)
+
+        return remove
 
     def _start_retrier(self) -> None:
         with self._lock:

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from daemon.statedir import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -72,7 +74,4 @@ class DetectionSwitches:
             return True
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": 1, "cameras": self._on}, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, (json.dumps({"version": 1, "cameras": self._on}, sort_keys=True) + "\n").encode())

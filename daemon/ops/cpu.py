@@ -79,25 +79,18 @@ class ForeignThreads:
 class StageCpu:
     """Context manager: adds the CPU seconds the calling thread spends inside it to ``add``.
 
-    ``extra`` (optional) is a clock of CPU seconds spent *for* this thread elsewhere (e.g.
-    :meth:`daemon.detector.PersonDetector.thread_cpu_s`); its increase inside the block is added too.
     ``add`` is typically a Prometheus counter child's ``inc``. Reusable, not re-entrant.
     """
 
-    __slots__ = ("_add", "_extra", "_t0", "_x0")
+    __slots__ = ("_add", "_t0")
 
-    def __init__(self, add: Callable[[float], object], extra: Callable[[], float] | None = None):
+    def __init__(self, add: Callable[[float], object]):
         self._add = add
-        self._extra = extra
-        self._t0 = self._x0 = 0.0
+        self._t0 = 0.0
 
     def __enter__(self) -> StageCpu:
         self._t0 = time.thread_time()
-        self._x0 = self._extra() if self._extra else 0.0
         return self
 
     def __exit__(self, *exc) -> None:
-        spent = time.thread_time() - self._t0
-        if self._extra:
-            spent += self._extra() - self._x0
-        self._add(spent)
+        self._add(time.thread_time() - self._t0)

@@ -59,6 +59,8 @@ from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 from waitress.task import WSGITask
 
+from daemon.ops.links import host_url
+
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
@@ -362,28 +364,28 @@ class OpsServer:
         return Response.json({"ok": ok, **detail}, 200 if ok else 503)
 
     # -- WSGI -----------------------------------------------------------------------------
-    def _respond(self, environ: dict) -> tuple[Response, Request | None]:
+    def _respond(self, environ: dict) -> Response:
         method = environ["REQUEST_METHOD"]
         url = urllib.parse.urlsplit(environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/"))
         if not self.host_check(environ.get("HTTP_HOST")):
             log.debug("http %s: Host %r not allowed", environ.get("REMOTE_ADDR"), environ.get("HTTP_HOST"))
-            return Response.json({"error": "host not allowed (see [metrics] allowed_hosts)"}, 421), None
+            return Response.json({"error": "host not allowed (see [metrics] allowed_hosts)"}, 421)
         if method not in ("GET", "HEAD"):
-            return Response(405, b"", headers={"Allow": "GET, HEAD"}), None
+            return Response(405, b"", headers={"Allow": "GET, HEAD"})
         route, params = self._match(url.path)
         if route is None:
-            return Response.json({"error": "not found", "path": url.path}, 404), None
+            return Response.json({"error": "not found", "path": url.path}, 404)
         headers = Headers([(k[5:].replace("_", "-").title(), v) for k, v in environ.items() if k.startswith("HTTP_")])
         req = Request(method, url.path, urllib.parse.parse_qs(url.query), headers, params, self._stopping,
                       environ.get("regionwatch.abort", lambda: None))
         try:
-            return route.handler(req), req
+            return route.handler(req)
         except Exception:
             log.exception("http handler for %s failed", route.template)
-            return Response.json({"error": "internal error"}, 500), None
+            return Response.json({"error": "internal error"}, 500)
 
     def _wsgi(self, environ: dict, start_response) -> Iterable[bytes]:
-        resp, _ = self._respond(environ)
+        resp = self._respond(environ)
         body = resp.body
         headers = [("Content-Type", resp.content_type), *resp.headers.items()]
         if isinstance(body, (bytes, bytearray, memoryview)):
@@ -501,5 +503,5 @@ class OpsServer:
             host = "127.0.0.1"
         elif host == "::":
             host = "::1"
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return host_url(host, port)
 

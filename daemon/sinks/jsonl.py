@@ -27,7 +27,7 @@ from pathlib import Path
 
 from daemon.events import Event
 from daemon.sinks.base import Sink
-from daemon.statedir import StateHealth
+from daemon.statedir import StateHealth, write_atomic
 
 
 class JsonlSink(Sink):
@@ -37,7 +37,7 @@ class JsonlSink(Sink):
                  health: StateHealth | None = None):
         self.path = Path(path)
         self._health = health or StateHealth()
-        self._health.add_retry(self._probe_snapshots)
+        self._unretry = self._health.add_retry(self._probe_snapshots)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         self._snapshots = Path(snapshots_dir) if snapshots_dir else None
@@ -58,13 +58,9 @@ class JsonlSink(Sink):
     def _write_snapshot(self, event: Event, snapshot: bytes) -> Path | None:
         folder = self._snapshots / event.camera
         target = folder / f"{event.id}.jpg"
-        tmp = target.with_suffix(".tmp")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(snapshot)
-            os.replace(tmp, target)
+            write_atomic(target, snapshot)
         except OSError as e:  # the state disk failed: the event itself must still be written
-            tmp.unlink(missing_ok=True)
             self._health.failed("snapshots", folder, e)
             return None
         self._health.ok("snapshots")
@@ -90,6 +86,7 @@ class JsonlSink(Sink):
                 self._file.flush()
 
     def close(self) -> None:
+        self._unretry()
         with self._lock:
             if not self._file.closed:
                 self._file.flush()

@@ -168,7 +168,7 @@ class Outbox:
         self._closed = False
         if self._count:
             log.info("MQTT outbox %s holds %d undelivered event(s) from a previous run", self.path, self._count)
-        self._health.add_retry(self.retry)
+        self._unretry = self._health.add_retry(self.retry)
         self.prune()
         self._update_depth()
 
@@ -288,6 +288,7 @@ class Outbox:
                 log.warning("MQTT outbox: %d delivered event(s) could not be deleted from %s and will be delivered "
                             "again after the next start (consumers dedupe by id)", len(self._tombstones), self.path)
             self._flush_drop_log_locked(force=True)
+            self._unretry()
             self._closed = True
             self._db.close()
             if self._own_state:
@@ -322,10 +323,10 @@ class Outbox:
 
     def _delete_locked(self, rowids: list[int]) -> int:
         """Delete rows from the database; rows that cannot be deleted now become tombstones
-        (skipped by :meth:`after`, deleted later). Returns how many rows this removes from the queue."""
+        (skipped by :meth:`after`, deleted later). Returns how many rows this removes from the queue
+        (callers other than the tombstone flush pass rows that are not tombstones yet)."""
         if not rowids:
             return 0
-        pending = [r for r in rowids if r not in self._tombstones]
         try:
             before = self._db.total_changes
             self._db.execute("BEGIN")
@@ -335,11 +336,11 @@ class Outbox:
         except _DISK_ERRORS as e:
             self._rollback_locked()
             self._health.failed("outbox", self.path, e)
-            self._tombstones.update(pending)
-            return len(pending)  # assumed present: the queue forgets them, the disk catches up later
+            self._tombstones.update(rowids)
+            return len(rowids)  # assumed present: the queue forgets them, the disk catches up later
         self._tombstones.difference_update(rowids)
         self._health.ok("outbox")
-        return deleted - (len(rowids) - len(pending))
+        return deleted
 
     def _rollback_locked(self) -> None:
         if self._db.in_transaction:

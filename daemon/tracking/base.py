@@ -12,8 +12,10 @@ class Tracker(Protocol):
 
     ``update`` is called for every processed frame, with ``detections`` on the frames where the
     detector ran (None elsewhere). It returns a :class:`TrackUpdate` when it has new positions
-    for this frame, or None when it did not look at this frame (e.g. ByteTrack between
-    detections, SAM2 above ``track_fps``). ``finish`` ends every track (end of stream).
+    for this frame, or None when it did not look at this frame (SAM2 above ``track_fps``).
+    ``finish`` ends every track (end of stream). ``wants_detection``: the tracker asks for the
+    detector on the next frame (ByteTrack when following lost someone). ``close`` releases what
+    the tracker holds (SAM2: its cameras on the shared server) when its camera is removed.
     """
 
     def update(self, frame: Frame, detections: Detections | None) -> TrackUpdate | None: ...
@@ -22,3 +24,8 @@ class Tracker(Protocol):
 
     @property
     def active(self) -> int: ...
+
+    @property
+    def wants_detection(self) -> bool: ...
+
+    def close(self) -> None: ...

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from daemon.config import ByteTrackConfig
-from daemon.geometry import assign, box_iou, on_border
+from daemon.geometry import assign, box_intersection, box_iou, on_border
 from daemon.records import Detections, Frame, TrackedPerson, TrackUpdate
 from daemon.tracking.follow import MedianFlow
 
@@ -87,9 +87,7 @@ def in_front(boxes: np.ndarray) -> list[np.ndarray]:
     n = len(boxes)
     if n < 2:
         return [np.zeros(0, np.int64) for _ in range(n)]
-    ix = np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0])
-    iy = np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1])
-    nearer = (ix > 0) & (iy > 0) & (boxes[None, :, 3] > boxes[:, None, 3])
+    nearer = (box_intersection(boxes, boxes) > 0) & (boxes[None, :, 3] > boxes[:, None, 3])
     return [np.flatnonzero(row) for row in nearer]
 
 
@@ -100,10 +98,8 @@ def covers(box: np.ndarray, boxes: np.ndarray, fraction: float = 0.6) -> np.ndar
         >>> covers(np.array([0, 0, 20, 10]), np.array([[0, 0, 10, 10], [15, 0, 30, 10]])).tolist()
         [True, False]
     """
-    ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
     area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-9)
-    return ix * iy / area >= fraction
+    return box_intersection(box, boxes)[0] / area >= fraction
 
 
 def same_size(a: np.ndarray, b: np.ndarray, size: tuple[int, int], *, height: float = 1.33, area: float = 2.0) -> np.ndarray:
@@ -149,6 +145,9 @@ class ByteTrackTracker:
     def wants_detection(self) -> bool:
         """True when the follower lost someone (or a new track waits for confirmation)."""
         return any(t.lost_by_follower or not t.confirmed for t in self._tracks)
+
+    def close(self) -> None:
+        """Nothing outside the tracker to release."""
 
     def update(self, frame: Frame, detections: Detections | None) -> TrackUpdate:
         if self._last_index is not None and (frame.index - self._last_index > self.MAX_GAP_FRAMES

@@ -9,7 +9,8 @@ distances. A box whose points mostly fail (occlusion, the person left the frame,
 reported as not followed: the tracker then waits for the detector instead of guessing.
 
 One grey, downscaled image per frame serves every box, and all boxes' points go through a
-single forward and a single backward LK call.
+single forward and a single backward LK call. With nobody to follow no grey image is made: the
+previous frame is kept as it is and converted only when someone appears.
 
 Example: a textured patch moving 3 px right and 2 px down per frame.
     >>> import numpy as np
@@ -76,7 +77,8 @@ class MedianFlow:
         self.min_points = min_points
         self.max_scale_step = max_scale_step
         self._criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03)
-        self._prev: np.ndarray | None = None
+        self._prev_image: np.ndarray | None = None  # the previous frame, as given
+        self._prev: np.ndarray | None = None  # its grey copy, once made
         self._scale = 1.0
         self._size: tuple[int, int] | None = None
         # Where the points sit inside a unit box: the middle 60 % of the width (the body, not the
@@ -84,19 +86,24 @@ class MedianFlow:
         gx = np.linspace(0.2, 0.8, grid[0])
         gy = np.linspace(0.1, 0.9, grid[1])
         self._unit = np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2)
+        self._pairs = np.triu_indices(len(self._unit), 1)  # point pairs whose distances give the scale
 
     def reset(self) -> None:
         """Forget the previous frame (after a stream discontinuity)."""
-        self._prev = None
+        self._prev_image = self._prev = None
 
-    def _grey(self, image: np.ndarray) -> np.ndarray:
+    def _sized(self, image: np.ndarray) -> None:
+        """Take the frame size; a new size forgets the previous frame."""
         h, w = image.shape[:2]
         if self._size != (w, h):
             self._size = (w, h)
             self._scale = min(1.0, self.max_side / max(w, h))
-            self._prev = None
+            self.reset()
+
+    def _grey(self, image: np.ndarray) -> np.ndarray:
         grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
         if self._scale < 1.0:
+            w, h = self._size
             grey = cv2.resize(grey, (round(w * self._scale), round(h * self._scale)), interpolation=cv2.INTER_AREA)
         return grey
 
@@ -111,10 +118,14 @@ class MedianFlow:
         """
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         n = len(boxes)
-        grey = self._grey(image)
-        prev, self._prev = self._prev, grey
-        if prev is None or n == 0:
+        self._sized(image)
+        prev_image, prev = self._prev_image, self._prev
+        self._prev_image, self._prev = image, None
+        if prev_image is None or n == 0:
             return FlowResult(boxes.copy(), np.zeros(n, bool), np.zeros(n))
+        if prev is None:
+            prev = self._grey(prev_image)
+        grey = self._prev = self._grey(image)
         s = self._scale
         k = len(self._unit)
         wh = boxes[:, 2:] - boxes[:, :2]
@@ -153,18 +164,19 @@ class MedianFlow:
         axis_scale = np.where(touch[:, :2] | touch[:, 2:], 1.0, scale[:, None])
         half = wh * axis_scale / 2
         out = np.where(ok[:, None], np.hstack([centre - half, centre + half]), boxes)
-        return FlowResult(self._pin_to_border(boxes, out, ok), ok, quality)
+        return FlowResult(self._pin_to_border(touch, out, ok), ok, quality)
 
-    def _pin_to_border(self, before: np.ndarray, after: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    def _pin_to_border(self, touching: np.ndarray, after: np.ndarray, ok: np.ndarray) -> np.ndarray:
         """A box cut off by the frame border keeps that side on the border.
 
         The person goes on beyond the edge: someone walking in from the bottom shows more of
         themselves each frame while their (unseen) feet stay below the frame, so the box must grow
-        from the border, not slide away from it.
+        from the border, not slide away from it. ``touching`` (N,4): the sides of each box, before
+        it moved, that were on the border.
         """
         w, h = self._size
         limits = np.array([0.0, 0.0, w, h])
-        pinned = np.where(self._touching(before) & ok[:, None], limits, after)
+        pinned = np.where(touching & ok[:, None], limits, after)
         # Sides not on the border stay inside the frame.
         return np.clip(pinned, 0.0, limits[[2, 3, 2, 3]])
 
@@ -178,7 +190,7 @@ class MedianFlow:
     def _scale_change(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(n,) median ratio of pairwise point distances after/before per box ((n,k,2) points, NaN
         for unused ones), clamped per frame; 1 where it cannot be measured."""
-        i, j = np.triu_indices(a.shape[1], 1)
+        i, j = self._pairs
         da = np.linalg.norm(a[:, i] - a[:, j], axis=2)
         db = np.linalg.norm(b[:, i] - b[:, j], axis=2)
         ratio = np.nanmedian(np.where(da > 1e-3, db / da, np.nan), axis=1)

@@ -160,7 +160,6 @@ class _Track:
     """What the policy knows about one person."""
 
     det_box: np.ndarray  # the last detector box matched to (or prompting) them
-    det_score: float
     last_present_pts: float
     born_pts: float  # stream time of their first prompt
     cond_pts: float  # stream time of their newest conditioning frame (prompt)
@@ -214,6 +213,11 @@ class Sam2Tracker:
     def active(self) -> int:
         """People reported (confirmed) and still tracked."""
         return sum(t.confirmed for t in self._tracks.values())
+
+    @property
+    def wants_detection(self) -> bool:
+        """SAM2 follows by itself; the detector keeps its own cadence."""
+        return False
 
     @property
     def tentative(self) -> tuple[int, ...]:
@@ -328,7 +332,7 @@ class Sam2Tracker:
             tid, self._next_id = self._next_id, self._next_id + 1
             box = dets.xyxy[i].astype(np.float32)
             confirmed = self.cfg.confirm_steps == 0
-            self._tracks[tid] = _Track(box, float(dets.confidence[i]), frame.pts_s, frame.pts_s, frame.pts_s, confirmed)
+            self._tracks[tid] = _Track(box, frame.pts_s, frame.pts_s, frame.pts_s, confirmed)
             prompts.append(self._prompt(tid, box))
         return prompts
 
@@ -361,7 +365,7 @@ class Sam2Tracker:
             iou[:, k] = -1  # one detection per person
             tid, box = ids[k], dets.xyxy[i].astype(np.float32)
             track = self._tracks[tid]
-            track.det_box, track.det_score, track.last_present_pts = box, float(dets.confidence[i]), frame.pts_s
+            track.det_box, track.last_present_pts = box, frame.pts_s
             if not track.confirmed and frame.pts_s > track.born_pts:
                 track.confirmed = True  # the detector found them again
             reason = self._reanchor_reason(tid, box, frame)

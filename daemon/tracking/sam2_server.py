@@ -605,7 +605,10 @@ class Sam2Server:
             writes_ptr.append(banks.pointer_index(person, now))
         flat = [x for read in reads for part in read for x in part] + writes_mask + writes_ptr
         index = self._upload(np.asarray(flat, np.int64))
-        pix_feats, offset = [], 0
+        # Everyone's top-level features, gathered once in ``order`` (the chunks one after another):
+        # attention reads them per chunk, the memory encoder per decode slice.
+        top_all = self._features([rows[k][0].camera for k in order], -1)
+        pix_feats, offset, start = [], 0, 0
         for ks, (mask_idx, t_pos, ptr_idx, dists) in zip(chunks, reads):
             parts = []
             for part in (mask_idx, t_pos, ptr_idx, dists):
@@ -618,15 +621,15 @@ class Sam2Server:
                 model, maskmem, self._maskmem_pos, parts[1].view(batch, slots), ptrs,
                 parts[3].view(batch, pointers), planner.max_ptrs,
             )
-            cams = [rows[k][0].camera for k in ks]
-            curr = self._features(cams, -1).flatten(2).permute(2, 0, 1)
+            curr = top_all[start : start + batch].flatten(2).permute(2, 0, 1)
+            start += batch
             if self.on_attention is not None:
                 self.on_attention([(rows[k][0].camera.name, rows[k][0].camera.frame_index, rows[k][1]) for k in ks])
             pix_feats.append(
                 dev.attend(model, curr, self._top_pos.expand(-1, batch, -1), memory, memory_pos, num_ptr_tokens, self._top_size)
             )
             self.stats.attention_calls += 1
-        pix_feat = torch.cat(pix_feats)
+        pix_feat = pix_feats[0] if len(pix_feats) == 1 else torch.cat(pix_feats)
         write_mask = index[offset : offset + len(order)]
         write_ptr = index[offset + len(order) :]
         for s in range(0, len(order), cap):
@@ -634,7 +637,7 @@ class Sam2Server:
             cams = [rows[k][0].camera for k in ks]
             high_res = [self._features(cams, level) for level in range(model.num_feature_levels - 1)]
             low_res, high_res_masks, obj_ptr, scores = dev.decode(model, pix_feat[s : s + cap], high_res or None)
-            top = self._features(cams, -1).flatten(2).permute(2, 0, 1)
+            top = top_all[s : s + cap].flatten(2).permute(2, 0, 1)
             maskmem, maskmem_pos = dev.encode_memory(model, top, self._top_size, high_res_masks, scores, from_points=False)
             self._store(write_mask[s : s + cap], write_ptr[s : s + cap], maskmem, maskmem_pos, obj_ptr)
             low_res = fill_holes(model, low_res)

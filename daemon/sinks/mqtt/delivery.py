@@ -272,15 +272,14 @@ class Delivery:
         else:
             log.debug(text)
 
-    def _publish_retained(self, todo: list[Retained], *, barrier: bool = False) -> bool:
+    def _publish_retained(self, todo: list[Retained], *, barrier: bool = False) -> None:
         for topic, payload, props in todo:
             info = self.client.publish(topic, payload, qos=self.qos, retain=True, properties=props)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                return False  # connection gone: the next connect re-publishes the current state
+                return  # connection gone: the next connect re-publishes the current state
             self.inflight[info.mid] = ("retained", topic)
             if barrier:
                 self.barrier.add(info.mid)
-        return True
 
     def _pump(self) -> None:
         if not self.online_sent:
@@ -295,9 +294,7 @@ class Delivery:
         free = self.EVENT_WINDOW - self.events_inflight
         if free > 0:
             for item in self.outbox.after(self.cursor, free):
-                props = None
-                if self.props.v5:
-                    props = self.props.make("application/json", [("event_id", item.event_id), ("seq", str(item.seq))])
+                props = self.props.make("application/json", [("event_id", item.event_id), ("seq", str(item.seq))])
                 info = self.client.publish(self.topics.events(item.camera), item.payload, qos=self.qos,
                                            retain=False, properties=props)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:

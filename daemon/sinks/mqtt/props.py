@@ -19,6 +19,9 @@ class PublishProps:
 
     def __init__(self, v5: bool):
         self.v5 = v5
+        # Built once: the retained state asks for these on every change of a count.
+        self._text = self.make("text/plain")
+        self._json = self.make("application/json")
 
     def make(self, content_type: str, user: list[tuple[str, str]] | None = None) -> Properties | None:
         if not self.v5:
@@ -32,7 +35,7 @@ class PublishProps:
         return p
 
     def text(self) -> Properties | None:
-        return self.make("text/plain")
+        return self._text
 
     def json(self) -> Properties | None:
-        return self.make("application/json")
+        return self._json

@@ -28,6 +28,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from daemon.statedir import write_atomic
+
 log = logging.getLogger(__package__)
 
 
@@ -70,11 +72,8 @@ class TopicRegistry:
             self._write(new)
 
     def _write(self, topics: set[str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"version": 1, "topics": sorted(topics)}, indent=0) + "\n", encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_atomic(self.path, (json.dumps({"version": 1, "topics": sorted(topics)}, indent=0) + "\n").encode())
         except OSError as e:
             log.warning("cannot write %s: %s", self.path, e)
             return

@@ -52,10 +52,6 @@ class RetainedState:
             value = self._values.get(topic)
             return None if value is None else value[0]
 
-    def topics(self) -> list[str]:
-        with self._lock:
-            return list(self._values)
-
     def forget_cleared(self) -> list[str]:
         """Drop the topics whose value is empty (cleared on the broker and acknowledged once):
         later connects need not clear them again. Returns them."""
